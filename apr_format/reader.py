@@ -1,0 +1,334 @@
+"""Lazy, zero-copy reading of .apr files through mmap, with every structural check of the spec."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import compression, quants
+from .constants import (
+    ALIGNMENT, DTYPE_BY_NAME, DTYPES, FOOTER_SIZE, HEADER_SIZE, LEGACY_DTYPE_CODES, MAX_METADATA_SIZE,
+    MAX_NAME_LENGTH, MAX_NDIM, METADATA_OFFSET, MIN_INDEX_ENTRY_SIZE, DType, Flag,
+)
+from .errors import (
+    AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
+    UnsupportedFeature,
+)
+from .header import Header, unpack_header
+
+_CRC_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One index entry. `offset` is relative to `data_offset`; `size` is stored bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+    nbytes: int  # decoded bytes (differs from `size` only for zstd-compressed files)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+class AprFile:
+    """An open .apr file. Parsing checks header, metadata and index; data stays on disk.
+
+    Tensor access hands out views into a private (copy-on-write) mapping, so writing to a
+    returned array never touches the file and never faults.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._map: mmap.mmap | None = None
+        with open(self.path, "rb") as fh:
+            self.file_size = os.fstat(fh.fileno()).st_size
+            if self.file_size == 0:
+                raise Truncated(self.path, "file is empty")
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            self._view = memoryview(self._map)
+            self.header: Header = unpack_header(self._view[:HEADER_SIZE], self.path)
+            self._check_sections()
+            self.metadata: dict[str, Any] = self._parse_metadata()
+            self._tensors: dict[str, TensorInfo] = self._parse_index()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- parsing -------------------------------------------------------------------------
+    def _check_sections(self) -> None:
+        h, size = self.header, self.file_size
+        if h.metadata_offset != METADATA_OFFSET:
+            raise CorruptMetadata(self.path, f"metadata_offset is {h.metadata_offset}, expected {METADATA_OFFSET}")
+        if h.metadata_size > MAX_METADATA_SIZE:
+            raise CorruptMetadata(self.path, f"metadata_size {h.metadata_size} exceeds the 16 MiB limit")
+        meta_end = h.metadata_offset + h.metadata_size
+        if not meta_end <= h.tensor_index_offset <= h.data_offset:
+            raise CorruptIndex(
+                self.path,
+                f"sections out of order: metadata ends at {meta_end}, index at {h.tensor_index_offset}, "
+                f"data at {h.data_offset}",
+            )
+        if h.data_offset % ALIGNMENT:
+            raise CorruptIndex(self.path, f"data_offset {h.data_offset} is not {ALIGNMENT}-byte aligned")
+        if h.data_offset + FOOTER_SIZE > size:
+            raise Truncated(self.path, f"file is {size} bytes but its data section starts at {h.data_offset}")
+        max_entries = (h.data_offset - h.tensor_index_offset) // MIN_INDEX_ENTRY_SIZE
+        if h.tensor_count > max_entries:
+            raise CorruptIndex(
+                self.path,
+                f"tensor_count {h.tensor_count} cannot fit in a {h.data_offset - h.tensor_index_offset}-byte "
+                f"index (at most {max_entries} entries)",
+            )
+
+    def _parse_metadata(self) -> dict[str, Any]:
+        h = self.header
+        raw = self._view[h.metadata_offset : h.metadata_offset + h.metadata_size]
+        if not h.metadata_size:
+            return {}
+        try:
+            meta = json.loads(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CorruptMetadata(self.path, f"metadata is not valid UTF-8 JSON ({type(exc).__name__})") from None
+        if not isinstance(meta, dict):
+            raise CorruptMetadata(self.path, f"metadata is a JSON {type(meta).__name__}, expected an object")
+        return {k: v for k, v in meta.items() if v is not None}
+
+    def _parse_index(self) -> dict[str, TensorInfo]:
+        h, view = self.header, self._view
+        pos, end = h.tensor_index_offset, h.data_offset
+        data_room = self.file_size - FOOTER_SIZE - h.data_offset
+        compressed = bool(h.flags & Flag.ZSTD)
+        tensors: dict[str, TensorInfo] = {}
+        previous: bytes | None = None
+        for i in range(h.tensor_count):
+            def need(n: int, what: str) -> None:
+                if pos + n > end:
+                    raise CorruptIndex(self.path, f"index entry {i} ({what}) runs past the index section end {end}")
+
+            need(2, "name length")
+            (name_len,) = struct.unpack_from("<H", view, pos)
+            if name_len == 0 or name_len > MAX_NAME_LENGTH:
+                raise CorruptIndex(self.path, f"index entry {i}: name length {name_len} is not in 1..{MAX_NAME_LENGTH}")
+            need(2 + name_len + 2, "name")
+            raw_name = bytes(view[pos + 2 : pos + 2 + name_len])
+            try:
+                name = raw_name.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptIndex(self.path, f"index entry {i}: name is not UTF-8") from None
+            pos += 2 + name_len
+            code, ndim = view[pos], view[pos + 1]
+            dtype = _lookup_dtype(code, self.path, name)
+            if ndim > MAX_NDIM:
+                raise CorruptIndex(self.path, f"tensor {name!r}: ndim {ndim} exceeds {MAX_NDIM}")
+            need(2 + 8 * ndim + 16, "shape, offset and size")
+            shape = struct.unpack_from(f"<{ndim}Q", view, pos + 2)
+            offset, size = struct.unpack_from("<QQ", view, pos + 2 + 8 * ndim)
+            pos += 2 + 8 * ndim + 16
+            if previous is not None and raw_name <= previous:
+                problem = "duplicate tensor name" if raw_name == previous else "index is not sorted by name at"
+                raise CorruptIndex(self.path, f"{problem} {name!r}")
+            previous = raw_name
+            info = self._check_entry(name, dtype, shape, offset, size, data_room, compressed)
+            tensors[name] = info
+        if pos > end:  # pragma: no cover - guarded by need()
+            raise CorruptIndex(self.path, "index overruns the data section")
+        self._check_overlaps(tensors.values())
+        return tensors
+
+    def _check_entry(
+        self, name: str, dtype: DType, shape: tuple[int, ...], offset: int, size: int, room: int, compressed: bool
+    ) -> TensorInfo:
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        expected = dtype.nbytes_for(numel)
+        if not compressed and size != expected and not (dtype.packed and dtype.name in ("q4_k", "q6_k")):
+            raise CorruptIndex(
+                self.path, f"tensor {name!r}: {size} bytes stored but {dtype.name} {list(shape)} needs {expected}"
+            )
+        if offset % ALIGNMENT:
+            raise CorruptIndex(self.path, f"tensor {name!r}: offset {offset} is not {ALIGNMENT}-byte aligned")
+        if offset > room or size > room - offset:
+            raise Truncated(
+                self.path,
+                f"tensor {name!r}: bytes {offset}..{offset + size} of the data section lie beyond "
+                f"the file's end ({room} data bytes before the footer)",
+            )
+        nbytes = expected if compressed else size
+        return TensorInfo(name, dtype.name, tuple(shape), offset, size, nbytes)
+
+    def _check_overlaps(self, infos) -> None:
+        last_end, last_name = 0, None
+        for info in sorted((t for t in infos if t.size), key=lambda t: t.offset):
+            if info.offset < last_end:
+                raise CorruptIndex(self.path, f"tensors {last_name!r} and {info.name!r} overlap")
+            last_end, last_name = info.offset + info.size, info.name
+
+    # -- access --------------------------------------------------------------------------
+    @property
+    def flags(self) -> Flag:
+        return Flag(self.header.flags)
+
+    def keys(self) -> list[str]:
+        """Tensor names in index (sorted) order."""
+        return list(self._tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def tensors(self) -> list[TensorInfo]:
+        """Every index entry in index order."""
+        return list(self._tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        """The index entry of `name`. Raises MissingTensor."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise MissingTensor(self.path, f"no tensor named {name!r}") from None
+
+    def stored(self, name: str) -> memoryview:
+        """The tensor's bytes exactly as stored (a zstd frame when compressed)."""
+        info = self.info(name)
+        start = self.header.data_offset + info.offset
+        return self._live_view()[start : start + info.size]
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's decoded bytes: zero-copy unless the file is zstd-compressed."""
+        stored = self.stored(name)
+        if not self.header.flags & Flag.ZSTD:
+            return stored
+        return memoryview(compression.decompress(stored, self.info(name).nbytes, self.path, name))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """A numpy view of the tensor (bf16 as uint16 bits, packed types as uint8 bytes)."""
+        info = self.info(name)
+        dtype = _dtype_of(info)
+        arr = np.frombuffer(self.raw(name), dtype=np.dtype(dtype.numpy))
+        return arr if dtype.packed else arr.reshape(info.shape)
+
+    def to_float32(self, name: str) -> np.ndarray:
+        """The tensor as float32 values (a copy), dequantizing q4 / q8.
+
+        Raises:
+            UnsupportedFeature: for q4_k / q6_k, which we read only as raw bytes so far.
+        """
+        info = self.info(name)
+        raw = self.raw(name)
+        if info.dtype == "q8":
+            return quants.dequantize_q8(raw, info.numel).reshape(info.shape)
+        if info.dtype == "q4":
+            return quants.dequantize_q4(raw, info.numel).reshape(info.shape)
+        if info.dtype in ("q4_k", "q6_k"):
+            raise UnsupportedFeature(self.path, f"tensor {name!r}: dequantizing {info.dtype} is not supported yet")
+        arr = self[name]
+        if info.dtype == "bf16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32)
+
+    def torch(self, name: str):
+        """A torch tensor viewing the mapping (bf16 stays bf16; q4/q8 are dequantized)."""
+        import torch
+
+        info = self.info(name)
+        if info.dtype in ("q4", "q8", "q4_k", "q6_k"):
+            return torch.from_numpy(self.to_float32(name))
+        torch_dtype = _TORCH_DTYPES[info.dtype]
+        raw = self.raw(name)
+        if not len(raw):
+            return torch.empty(info.shape, dtype=getattr(torch, torch_dtype))
+        with warnings.catch_warnings():  # the buffer is writable copy-on-write; silence anyway
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(raw, dtype=getattr(torch, torch_dtype))
+        return flat.reshape(info.shape)
+
+    def verify(self) -> None:
+        """Check the footer CRC-32 over the whole file (reads every byte).
+
+        Raises:
+            FooterChecksum: the stored CRC does not match the content.
+        """
+        view = self._live_view()
+        body = self.file_size - FOOTER_SIZE
+        (stored,) = struct.unpack_from("<I", view, body)
+        crc = 0
+        for start in range(0, body, _CRC_CHUNK):
+            crc = zlib.crc32(view[start : min(start + _CRC_CHUNK, body)], crc)
+        if crc != stored:
+            raise FooterChecksum(self.path, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
+
+    def _live_view(self) -> memoryview:
+        if self._map is None:
+            raise AprError(self.path, "file is closed")
+        return self._view
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the mapping (left to the garbage collector while views are still alive)."""
+        view, self._view = getattr(self, "_view", None), None
+        mapping, self._map = self._map, None
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:
+                pass
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # numpy/torch views still use it; it is unmapped when they die
+
+    def __enter__(self) -> "AprFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AprFile({self.path!r}, tensors={len(self._tensors)})"
+
+
+_TORCH_DTYPES = {
+    "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
+    "i32": "int32", "i64": "int64", "i8": "int8", "u8": "uint8",
+}
+
+
+def _lookup_dtype(code: int, path: str, name: str) -> DType:
+    code = LEGACY_DTYPE_CODES.get(code, code)
+    try:
+        return DTYPES[code]
+    except KeyError:
+        raise UnknownDType(path, f"tensor {name!r}: unknown dtype code {code}") from None
+
+
+def _dtype_of(info: TensorInfo) -> DType:
+    return DTYPE_BY_NAME[info.dtype]
+
+
+def open_apr(path: str | os.PathLike) -> AprFile:
+    """Open an .apr file lazily. Raises an AprError subclass for any structural problem."""
+    return AprFile(path)

@@ -1,0 +1,117 @@
+"""The `apr` command group: lazy subcommand loading and one-line error translation."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from apr_format.errors import AprError
+
+# name -> "module:attribute"; modules are imported only when their command runs, so
+# `apr inspect` never pays for torch or the converters.
+COMMANDS: dict[str, str] = {
+    "inspect": "apr_cli.inspect_cmd:inspect_cmd",
+    "tensors": "apr_cli.tensors_cmd:tensors_cmd",
+    "validate": "apr_cli.validate_cmd:validate_cmd",
+    "convert": "apr_cli.convert_cmd:convert_cmd",
+    "export": "apr_cli.export_cmd:export_cmd",
+    "diff": "apr_cli.diff_cmd:diff_cmd",
+    "pretrain": "apr_cli.pretrain_cmd:pretrain_cmd",
+    "train": "apr_cli.pretrain_cmd:pretrain_cmd",
+    "tokenize": "apr_cli.tokenize_cmd:tokenize_cmd",
+    "contract": "apr_cli.contract_cmd:contract_cmd",
+}
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # validate found problems, diff found differences
+EXIT_ERROR = 2  # bad input, bad flags, unreadable or unwritable files
+EXIT_INTERNAL = 3  # a bug in apr: please report it
+EXIT_INTERRUPTED = 130
+
+
+class AprCliError(click.ClickException):
+    """A library error shown as one line on stderr, exit code 2."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file=None) -> None:
+        click.echo(f"apr: error: {self.format_message()}", err=True)
+
+
+class AprGroup(click.Group):
+    """Loads subcommands on first use and turns every failure into one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        command = getattr(importlib.import_module(module_name), attr)
+        if cmd_name == "train":
+            command = _alias(command, "train")
+        return command
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AprError as exc:
+            raise AprCliError(str(exc)) from exc
+        except OSError as exc:
+            raise AprCliError(_describe_os_error(exc)) from exc
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("apr: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # a bug: one line, traceback only on request
+            if os.environ.get("APR_DEBUG"):
+                raise
+            click.echo(
+                f"apr: internal error: {type(exc).__name__}: {exc} "
+                "(set APR_DEBUG=1 to see the traceback)",
+                err=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _alias(command: click.Command, name: str) -> click.Command:
+    """A copy of `command` registered under another name (`apr train` = `apr pretrain`)."""
+    alias = click.Command(
+        name=name,
+        callback=command.callback,
+        params=command.params,
+        help=command.help,
+        short_help=command.short_help,
+        context_settings=command.context_settings,
+    )
+    return alias
+
+
+def _describe_os_error(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else "apr"
+    return f"{where}: {exc.strerror or exc}"
+
+
+@click.group(cls=AprGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="apr-toolkit", prog_name="apr")
+def cli() -> None:
+    """Inspect, validate, convert and train .apr (APR v2) model checkpoints."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(prog_name="apr", standalone_mode=True)
+    except BrokenPipeError:  # `apr tensors x.apr | head`
+        sys.stderr.close()
+        sys.exit(EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()
