@@ -1,0 +1,69 @@
+"""Test helpers importable from any test: tiny real HF checkpoints and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+GOLDEN = FIXTURES / "golden"
+# The console script installed next to this interpreter (what users run); `-m` as a fallback.
+_SCRIPT = Path(sys.executable).with_name("apr")
+APR_COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "apr_cli.main"]
+
+# Small shapes with the features that matter: GQA, q/k/v biases (qwen2), tied and untied heads.
+TINY_QWEN2 = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, vocab_size=300, max_position_embeddings=128, rope_theta=1000000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True,
+)
+TINY_LLAMA = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, vocab_size=320, max_position_embeddings=128, rope_theta=10000.0,
+    rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+
+
+def build_hf_checkpoint(
+    folder: Path, family: str, *, dtype: str = "float32", seed: int = 0, max_shard_size: str | None = None, **overrides
+) -> Path:
+    """Save a randomly initialised transformers model of `family` ("qwen2" or "llama") to `folder`."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, base = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, TINY_QWEN2),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, TINY_LLAMA),
+    }[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**base, **overrides})
+    model = model_cls(config).to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `apr` CLI in a subprocess and capture its output as text."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("APR_DEBUG", None)
+    proc = subprocess.run(
+        [*APR_COMMAND, *map(str, args)],
+        capture_output=True, env=env, input=input, timeout=600,
+    )
+    out = subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"apr {' '.join(map(str, args))} exited {out.returncode}:\n{out.stderr}")
+    return out
+
+
+def run_apr_json(*args: str | os.PathLike) -> dict:
+    """Run `apr ... --json` expecting success, return the parsed JSON."""
+    proc = run_apr(*args, "--json", check=True)
+    return json.loads(proc.stdout)
