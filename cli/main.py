@@ -12,17 +12,17 @@ from apr_format.errors import AprError
 
 # name -> "module:attribute"; modules are imported only when their command runs, so
 # `apr inspect` never pays for torch or the converters.
-COMMANDS: dict[str, str] = {
-    "inspect": "apr_cli.inspect_cmd:inspect_cmd",
-    "tensors": "apr_cli.tensors_cmd:tensors_cmd",
-    "validate": "apr_cli.validate_cmd:validate_cmd",
-    "convert": "apr_cli.convert_cmd:convert_cmd",
-    "export": "apr_cli.export_cmd:export_cmd",
-    "diff": "apr_cli.diff_cmd:diff_cmd",
-    "pretrain": "apr_cli.pretrain_cmd:pretrain_cmd",
-    "train": "apr_cli.pretrain_cmd:pretrain_cmd",
-    "tokenize": "apr_cli.tokenize_cmd:tokenize_cmd",
-    "contract": "apr_cli.contract_cmd:contract_cmd",
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("apr_cli.inspect_cmd:inspect_cmd", "Summarise an .apr, .safetensors file or HF folder."),
+    "tensors": ("apr_cli.tensors_cmd:tensors_cmd", "List tensors: name, dtype, shape, bytes, offset."),
+    "validate": ("apr_cli.validate_cmd:validate_cmd", "Check structure, CRC, alignment and NaN/Inf."),
+    "convert": ("apr_cli.convert_cmd:convert_cmd", "Convert an HF checkpoint or GGUF file to .apr."),
+    "export": ("apr_cli.export_cmd:export_cmd", "Export an .apr to an HF folder or safetensors file."),
+    "diff": ("apr_cli.diff_cmd:diff_cmd", "Compare two checkpoints tensor by tensor."),
+    "pretrain": ("apr_cli.pretrain_cmd:pretrain_cmd", "Train from --init model.apr or a built-in architecture."),
+    "train": ("apr_cli.pretrain_cmd:pretrain_cmd", "Alias of `apr pretrain`."),
+    "tokenize": ("apr_cli.tokenize_cmd:tokenize_cmd", "Tokenize text into a token file for training."),
+    "contract": ("apr_cli.contract_cmd:contract_cmd", "Check a falsifier contract file."),
 }
 
 EXIT_OK = 0
@@ -48,14 +48,19 @@ class AprGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
-        if target is None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
             return None
-        module_name, attr = target.split(":")
+        module_name, attr = entry[0].split(":")
         command = getattr(importlib.import_module(module_name), attr)
         if cmd_name == "train":
             command = _alias(command, "train")
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List commands from the table, without importing them (keeps `apr -h` fast)."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_text) for name, (_, help_text) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
         try:
