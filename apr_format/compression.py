@@ -7,6 +7,9 @@ import os
 from .errors import CorruptIndex, UnsupportedFeature
 
 ZSTD_LEVEL = 3
+# The densest zstd block (RLE: 3-byte header + 1 byte) inflates to at most 128 KiB, so no
+# frame can grow more than this; a larger claim comes from a corrupt or hostile index.
+_MAX_RATIO = 128 * 1024 // 4
 
 
 def _zstd(path: str | os.PathLike | None):
@@ -29,8 +32,16 @@ def decompress(frame: memoryview | bytes, expected: int, path: str | os.PathLike
         CorruptIndex: the frame is not valid zstd or does not inflate to `expected` bytes.
     """
     zstandard = _zstd(path)
+    if expected > _MAX_RATIO * len(frame):
+        raise CorruptIndex(path, f"tensor {name!r}: a {len(frame)}-byte zstd frame cannot inflate to {expected} bytes")
     try:
-        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected) if expected else b""
+        if not expected:
+            return b""
+        # python-zstandard allocates the size a frame header declares, ignoring max_output_size.
+        declared = zstandard.get_frame_parameters(frame).content_size
+        if declared not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
+            raise CorruptIndex(path, f"tensor {name!r}: zstd frame declares {declared} bytes, expected {expected}")
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected)
     except zstandard.ZstdError as exc:
         raise CorruptIndex(path, f"tensor {name!r}: zstd frame is corrupt ({exc})") from exc
     if len(out) != expected:

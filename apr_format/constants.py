@@ -16,6 +16,8 @@ METADATA_OFFSET = 64
 MAX_METADATA_SIZE = 16 * 1024 * 1024
 MAX_NAME_LENGTH = 256
 MAX_NDIM = 8
+# Most elements (product of the non-zero dims) a shape may describe: numpy's limit for 8-byte items.
+MAX_ELEMENTS = (2**63 - 1) // 8
 # Smallest possible index entry: u16 length, 1-byte name, dtype, ndim=0, offset, size.
 MIN_INDEX_ENTRY_SIZE = 2 + 1 + 1 + 1 + 8 + 8
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import compression, quants
 from .constants import (
-    ALIGNMENT, DTYPE_BY_NAME, DTYPES, FOOTER_SIZE, HEADER_SIZE, LEGACY_DTYPE_CODES, MAX_METADATA_SIZE,
+    ALIGNMENT, DTYPE_BY_NAME, DTYPES, FOOTER_SIZE, HEADER_SIZE, LEGACY_DTYPE_CODES, MAX_ELEMENTS, MAX_METADATA_SIZE,
     MAX_NAME_LENGTH, MAX_NDIM, METADATA_OFFSET, MIN_INDEX_ENTRY_SIZE, DType, Flag,
 )
 from .errors import (
@@ -103,7 +104,7 @@ class AprFile:
         if not h.metadata_size:
             return {}
         try:
-            meta = json.loads(bytes(raw).decode("utf-8"))
+            meta = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CorruptMetadata(self.path, f"metadata is not valid UTF-8 JSON ({type(exc).__name__})") from None
         if not isinstance(meta, dict):
@@ -155,9 +156,12 @@ class AprFile:
     def _check_entry(
         self, name: str, dtype: DType, shape: tuple[int, ...], offset: int, size: int, room: int, compressed: bool
     ) -> TensorInfo:
-        numel = 1
+        numel, extent = 1, 1
         for dim in shape:
             numel *= dim
+            extent *= max(dim, 1)
+        if extent > MAX_ELEMENTS:  # numpy cannot even describe it, empty or not
+            raise CorruptIndex(self.path, f"tensor {name!r}: shape {list(shape)} is too large for any array")
         expected = dtype.nbytes_for(numel)
         if not compressed and size != expected and not (dtype.packed and dtype.name in ("q4_k", "q6_k")):
             raise CorruptIndex(
@@ -247,7 +251,8 @@ class AprFile:
         arr = self[name]
         if info.dtype == "bf16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # f64 beyond f32 range becomes inf, NaN stays NaN
+            return arr.astype(np.float32)
 
     def torch(self, name: str):
         """A torch tensor viewing the mapping (bf16 stays bf16; q4/q8 are dequantized)."""
@@ -315,6 +320,17 @@ _TORCH_DTYPES = {
     "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
     "i32": "int32", "i64": "int64", "i8": "int8", "u8": "uint8",
 }
+
+
+def _reject_constant(text: str) -> None:
+    raise ValueError(f"{text} is not JSON")  # Python accepts NaN/Infinity; JSON (and our writer) does not
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
 
 
 def _lookup_dtype(code: int, path: str, name: str) -> DType:

@@ -7,7 +7,7 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from . import compression
 from .constants import (
-    ALIGNMENT, DTYPE_BY_NAME, MAX_METADATA_SIZE, MAX_NAME_LENGTH, MAX_NDIM,
+    ALIGNMENT, DTYPE_BY_NAME, MAX_ELEMENTS, MAX_METADATA_SIZE, MAX_NAME_LENGTH, MAX_NDIM,
     METADATA_OFFSET, QUANTIZED_DTYPES, DType, Flag,
 )
 from .errors import InvalidArgument, UnknownDType
@@ -139,6 +139,7 @@ class AprWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".apr-tmp", dir=folder)
         try:
             with os.fdopen(fd, "w+b", buffering=1024 * 1024) as out:
+                os.fchmod(out.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; look like any new file
                 if self.compression:
                     self._write_compressed(out, header, meta, entries, index_size)
                 else:
@@ -203,7 +204,7 @@ class AprWriter:
     def _metadata_bytes(self) -> bytes:
         try:
             meta = json.dumps(self.metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidArgument(self.path, f"metadata is not JSON-serialisable: {exc}") from None
         if len(meta) > MAX_METADATA_SIZE:
             raise InvalidArgument(self.path, f"metadata is {len(meta)} bytes, over the 16 MiB limit")
@@ -292,6 +293,8 @@ def _shape(shape, path: str, name: str) -> tuple[int, ...]:
     dims = tuple(int(d) for d in shape)
     if len(dims) > MAX_NDIM or any(d < 0 for d in dims):
         raise InvalidArgument(path, f"tensor {name!r}: shape {list(dims)} needs ndim <= {MAX_NDIM} and dims >= 0")
+    if _numel(tuple(max(d, 1) for d in dims)) > MAX_ELEMENTS:
+        raise InvalidArgument(path, f"tensor {name!r}: shape {list(dims)} is too large for any array")
     return dims
 
 
@@ -300,6 +303,12 @@ def _numel(dims: tuple[int, ...]) -> int:
     for d in dims:
         n *= d
     return n
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: str) -> None:

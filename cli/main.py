@@ -67,6 +67,8 @@ class AprGroup(click.Group):
             return super().invoke(ctx)
         except AprError as exc:
             raise AprCliError(str(exc)) from exc
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             raise AprCliError(_describe_os_error(exc)) from exc
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):

@@ -1,0 +1,218 @@
+"""Checkpoint tensors for a model's parameters: `expected_parameter_shapes` and `load_init_tensors`."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+
+from .architecture import ArchitectureConfig, architecture_of
+from .constants import Flag
+from .errors import InvalidArgument, MissingTensor, ShapeMismatch
+from .reader import AprFile, open_apr
+
+# Tensors some HF checkpoints carry that no model parameter corresponds to and that are
+# recomputed from the config: reported as unused, never an error.
+_HARMLESS_SUFFIXES = (".rotary_emb.inv_freq",)
+# Names under these prefixes are decoder parameters: if the architecture does not use one, the
+# metadata and the weights disagree (aprender once dropped all 72 Qwen q/k/v biases this way).
+_PARAMETER_PREFIXES = ("model.", "lm_head.")
+_PARAMETER_DTYPES = frozenset(("f32", "f16", "bf16", "f64", "q4", "q8", "q4_k", "q6_k"))  # k-quants: refused later
+_COMPARE_CHUNK = 16 * 1024 * 1024
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_NAMES_SHOWN = 8
+
+
+def expected_parameter_shapes(config: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the model of `config` has, HF name -> shape, in model order.
+
+    There is no `lm_head.weight` when the embeddings are tied: the head reuses
+    `model.embed_tokens.weight`.
+    """
+    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        if config.attention_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if config.o_proj_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (config.intermediate_size, h)
+        shapes[p + "mlp.up_proj.weight"] = (config.intermediate_size, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, config.intermediate_size)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
+
+
+class InitTensors(dict):
+    """name -> torch.Tensor for every model parameter, plus what the file had beyond them.
+
+    Attributes:
+        unused: names of file tensors no parameter uses (harmless buffers and foreign
+            tensors), also announced with one `UnusedTensorWarning`.
+        dropped_tied_head: True when the file's `lm_head.weight` was a byte-identical copy of
+            the embedding (aprender's tied convention) and was dropped.
+        source_dtypes: name -> dtype as stored in the file ('bf16', 'q8', ...).
+    """
+
+    unused: tuple[str, ...] = ()
+    dropped_tied_head: bool = False
+    source_dtypes: dict[str, str]
+
+
+class UnusedTensorWarning(UserWarning):
+    """The checkpoint holds tensors the model does not use."""
+
+
+def load_init_tensors(
+    path: str | os.PathLike,
+    config: ArchitectureConfig | None = None,
+    dtype: Any = None,
+    device: Any = "cpu",
+) -> InitTensors:
+    """Every tensor of the .apr at `path` keyed by the model's parameter names, shapes checked.
+
+    Args:
+        config: the architecture to load for; default: the file's own (`read_architecture`).
+        dtype: a torch dtype (or its name, "bfloat16" / "bf16") to cast to; None keeps the
+            file's dtype. Quantized q4/q8 tensors are dequantized to float32 first.
+        device: where the tensors go. On "cpu" with the file's dtype the tensors are zero-copy
+            views of a private copy-on-write mapping (writing to them never touches the file);
+            the mapping lives as long as any of them does.
+
+    Raises:
+        MissingTensor / ShapeMismatch: one error naming every missing, mis-shaped or
+            non-float tensor (MissingTensor when anything is missing).
+        InvalidArgument: the file holds decoder parameters the architecture does not use
+            (e.g. q/k/v biases while attention_bias is false, extra layers, or an
+            lm_head.weight that differs from the embedding of a tied model).
+        UnsupportedArchitecture, MissingConfigKey, UnsupportedFeature: from the architecture.
+    """
+    target_dtype = _torch_dtype(dtype, path)
+    with open_apr(path) as f:
+        if config is None:
+            config = architecture_of(f.metadata, f.keys(), f.path)
+        expected = expected_parameter_shapes(config)
+        dropped_head = config.tie_word_embeddings and _is_tied_copy(f)
+        _check_names_and_shapes(f, expected, dropped_head)
+        result = InitTensors()
+        result.source_dtypes = {name: f.info(name).dtype for name in expected}
+        # zstd tensors are inflated into immutable bytes: copy them so training may write.
+        compressed = bool(f.flags & Flag.ZSTD)
+        for name in expected:
+            stored = f.torch(name)
+            tensor = stored.to(device=device, dtype=target_dtype or stored.dtype)
+            result[name] = tensor.clone() if compressed and tensor.data_ptr() == stored.data_ptr() else tensor
+        skipped = {"lm_head.weight"} if dropped_head else set()
+        result.unused = tuple(n for n in f.keys() if n not in expected and n not in skipped)
+        result.dropped_tied_head = dropped_head
+    if result.unused:
+        warnings.warn(
+            f"{os.fspath(path)}: {len(result.unused)} tensor(s) not used by the model: {_names(result.unused)}",
+            UnusedTensorWarning,
+            stacklevel=2,
+        )
+    return result
+
+
+def _check_names_and_shapes(f: AprFile, expected: dict[str, tuple[int, ...]], dropped_head: bool) -> None:
+    present = set(f.keys())
+    missing = [n for n in expected if n not in present]
+    wrong = [
+        f"{n} is {list(f.info(n).shape)}, expected {list(shape)}"
+        for n, shape in expected.items()
+        if n in present and f.info(n).shape != shape
+    ]
+    wrong += [
+        f"{n} is {f.info(n).dtype}, expected a float or q4/q8 dtype"
+        for n in expected
+        if n in present and f.info(n).dtype not in _PARAMETER_DTYPES
+    ]
+    foreign = [
+        n for n in f.keys()
+        if n not in expected
+        and n.startswith(_PARAMETER_PREFIXES)
+        and not n.endswith(_HARMLESS_SUFFIXES)
+        and not (dropped_head and n == "lm_head.weight")
+    ]
+    if not (missing or wrong or foreign):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_describe(missing)}")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shape(s) or dtype(s): {_describe(wrong)}")
+    if foreign:
+        hint = (
+            " (lm_head.weight differs from model.embed_tokens.weight but the metadata says the embeddings are tied)"
+            if "lm_head.weight" in foreign else ""
+        )
+        problems.append(f"{len(foreign)} parameter(s) the architecture does not use: {_describe(foreign)}{hint}")
+    error = MissingTensor if missing else ShapeMismatch if wrong else InvalidArgument
+    raise error(f.path, "checkpoint does not match the architecture: " + "; ".join(problems))
+
+
+def _is_tied_copy(f: AprFile) -> bool:
+    """Whether `lm_head.weight` is a byte-identical copy of the embedding (aprender's tie)."""
+    if "lm_head.weight" not in f or "model.embed_tokens.weight" not in f:
+        return False
+    head, embed = f.info("lm_head.weight"), f.info("model.embed_tokens.weight")
+    if (head.dtype, head.shape, head.nbytes) != (embed.dtype, embed.shape, embed.nbytes):
+        return False
+    a = np.frombuffer(f.raw("lm_head.weight"), dtype=np.uint8)
+    b = np.frombuffer(f.raw("model.embed_tokens.weight"), dtype=np.uint8)
+    return all(
+        np.array_equal(a[i : i + _COMPARE_CHUNK], b[i : i + _COMPARE_CHUNK]) for i in range(0, a.size, _COMPARE_CHUNK)
+    )
+
+
+def _torch_dtype(dtype: Any, path):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}.get(str(dtype), str(dtype))
+    resolved = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise InvalidArgument(path, f"dtype {dtype!r} is not a floating-point torch dtype")
+    return resolved
+
+
+def _describe(items: list[str]) -> str:
+    """Every item, with layer numbers collapsed: `model.layers.{0-23}.self_attn.q_proj.bias`."""
+    groups: dict[str, list[int]] = {}
+    for item in items:
+        match = _LAYER.search(item)
+        key = _LAYER.sub(".layers.\0.", item, count=1)
+        groups.setdefault(key, []).extend([int(match.group(1))] if match else [])
+    return ", ".join(key.replace("\0", _ranges(layers)) for key, layers in groups.items())
+
+
+def _ranges(numbers: list[int]) -> str:
+    numbers, spans = sorted(set(numbers)), []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = ",".join(str(a) if a == b else f"{a},{b}" if b == a + 1 else f"{a}-{b}" for a, b in spans)
+    return "{" + text + "}" if len(numbers) > 1 else text
+
+
+def _names(names) -> str:
+    names = list(names)
+    shown = ", ".join(names[:_NAMES_SHOWN])
+    return shown + (f" (+{len(names) - _NAMES_SHOWN} more)" if len(names) > _NAMES_SHOWN else "")

@@ -1,0 +1,48 @@
+"""`apr contract check`: validate a falsifier contract, check its tests exist, optionally run them."""
+
+from __future__ import annotations
+
+import click
+
+from apr_trainer.contract import check_contract
+
+from .main import EXIT_CHECK_FAILED
+from .render import echo_json, escape, table
+
+
+@click.group("contract")
+def contract_cmd() -> None:
+    """Falsifier contracts (contracts/*.yaml): claims pinned to the tests that would falsify them."""
+
+
+@contract_cmd.command("check")
+@click.argument("path", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--run", "run", is_flag=True, help="Also run every referenced test with pytest and report pass/fail.")
+@click.option("--root", type=click.Path(exists=True, file_okay=False),
+              help="Project folder the test paths are relative to (default: nearest folder with pyproject.toml).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def check_cmd(path: str, run: bool, root: str | None, as_json: bool) -> None:
+    """Check FILE's schema and that every test it names exists. Exit 0 ok, 1 problems or failed tests, 2 unreadable."""
+    if run:
+        click.echo("running the contract's tests with pytest...", err=True)
+    report = check_contract(path, root=root, run=run)
+    if as_json:
+        echo_json(report.to_dict())
+    else:
+        _render(path, report)
+    if not report.ok:
+        raise click.exceptions.Exit(EXIT_CHECK_FAILED)
+
+
+def _render(path: str, report) -> None:
+    ran = bool(report.results)
+    if report.falsifiers:
+        rows = [(f.id, f.title, f.test, *([report.results.get(f.id, "")] if ran else [])) for f in report.falsifiers]
+        click.echo(table(rows, ("id", "title", "test", *(["result"] if ran else []))))
+        click.echo()
+    for problem in report.problems:
+        click.echo(f"problem: {escape(problem)}")
+    passed = sum(r == "passed" for r in report.results.values())
+    summary = f"{len(report.falsifiers)} falsifiers, {len(report.problems)} problems"
+    summary += f", {passed}/{len(report.results)} passed" if ran else ""
+    click.echo(f"{escape(path)}: {'ok' if report.ok else 'FAILED'} ({summary})")

@@ -1,0 +1,348 @@
+""".apr -> HF folder (config, shards, index, tokenizer files) or one safetensors file, streamed and atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, BinaryIO
+
+from apr_format import AprFile, open_apr
+from apr_format.constants import QUANTIZED_DTYPES
+from apr_format.errors import InvalidArgument, OutputExists, UnsupportedFeature
+
+from .families import FAMILIES, family_of, is_tied
+from .hf_source import INDEX_FILE, SINGLE_FILE
+from .mapped import AprStream, equal_chunks
+from .metadata import HF_FILES, HF_INDEX, SOURCE_METADATA, hf_config_text
+from .safetensors_io import OutTensor, file_size, layout, write_safetensors
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+Progress = Callable[[str, int, int], None]  # (tensor name, its bytes, total bytes)
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote, for rendering by the CLI."""
+
+    source: str
+    output: str
+    files: list[str] = field(default_factory=list)
+    tensor_count: int = 0
+    total_size: int = 0
+    dropped: list[str] = field(default_factory=list)  # e.g. aprender's lm_head copy of a tied model
+    config_written: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        return asdict(self)
+
+
+def parse_size(text: str | int, where: str | None = None) -> int:
+    """Bytes in a size such as "2GB", "500MB", "64KiB" or a plain integer (HF's units: GB = 10^9).
+
+    Raises:
+        InvalidArgument: unparsable or not positive.
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _UNITS:
+            raise InvalidArgument(where, f"size {text!r} is not a number with a unit like 2GB, 500MB or 64KiB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise InvalidArgument(where, f"size {text!r} must be positive")
+    return value
+
+
+def export_apr_to_hf(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: str | int | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """Write an HF folder that `from_pretrained` loads: config.json, weights (sharded above
+    `max_shard_size`, with model.safetensors.index.json), carried tokenizer/generation files.
+
+    With `max_shard_size` None the source checkpoint's own shard split is restored when the
+    .apr carries it (and still matches the tensors), otherwise shards are cut at 5GB.
+    The folder is built beside `out_dir` and renamed into place when complete.
+
+    Raises:
+        OutputExists: `out_dir` exists, is not empty, and `force` is False.
+        UnsupportedFeature: quantized tensors (safetensors has no q4/q8/q4_k/q6_k).
+        InvalidArgument: a tied model whose lm_head differs from its embedding; bad sizes.
+    """
+    src, out_dir = os.fspath(src), os.fspath(out_dir).rstrip(os.sep) or os.sep
+    limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE, out_dir)
+    _check_folder(out_dir, force)
+    report = ExportReport(source=src, output=out_dir)
+    with open_apr(src) as apr, _closing(AprStream(apr)) as stream:
+        tensors, report.dropped = _tensors(apr, stream, progress)
+        shards = (_source_split(tensors, apr.metadata) if max_shard_size is None else None) \
+            or _shard(tensors, limit, apr.metadata)
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".apr-tmp", dir=parent)
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            report.files, report.config_written = _write_folder(tmp, apr, shards)
+            _replace_folder(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    report.tensor_count = len(tensors)
+    report.total_size = sum(t.nbytes for t in tensors)
+    return report
+
+
+@contextmanager
+def _closing(stream: AprStream) -> Iterator[AprStream]:
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def export_apr_to_safetensors(
+    src: str | os.PathLike,
+    dst: str | os.PathLike | BinaryIO,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ExportReport:
+    """Write every tensor of `src` (less aprender's tied lm_head copy) into one safetensors file,
+    or stream it to a binary stream such as stdout.
+
+    Raises:
+        OutputExists, UnsupportedFeature, InvalidArgument: as for `export_apr_to_hf`.
+    """
+    src = os.fspath(src)
+    stream = dst if hasattr(dst, "write") else None
+    dst_name = getattr(dst, "name", "<stream>") if stream is not None else os.fspath(dst)
+    if stream is None:
+        _check_file(dst_name, force)
+    report = ExportReport(source=src, output=str(dst_name))
+    with open_apr(src) as apr, _closing(AprStream(apr)) as source:
+        tensors, report.dropped = _tensors(apr, source, progress)
+        meta = _st_metadata(apr.metadata)
+        if stream is not None:
+            write_safetensors(stream, tensors, meta)
+        else:
+            _write_file_atomic(dst_name, tensors, meta)
+            report.files = [dst_name]
+    report.tensor_count = len(tensors)
+    report.total_size = sum(t.nbytes for t in tensors)
+    return report
+
+
+# -- planning ----------------------------------------------------------------------------
+def _tensors(apr: AprFile, stream: AprStream, progress: Progress | None) -> tuple[list[OutTensor], list[str]]:
+    """The tensors to export, and the names deliberately left out."""
+    quantized = [t.name for t in apr.tensors() if t.dtype in QUANTIZED_DTYPES]
+    if quantized:
+        raise UnsupportedFeature(
+            apr.path, f"tensor {quantized[0]!r} is {apr.info(quantized[0]).dtype}: safetensors cannot hold "
+            "quantized tensors (convert from the source without --keep-quant)",
+        )
+    head = _head_copy(apr, stream)
+    dropped = [head] if head else []
+    infos = [info for info in apr.tensors() if info.name not in dropped]
+    total = sum(info.nbytes for info in infos)
+    out = [OutTensor(i.name, i.dtype, i.shape, i.nbytes, _producer(stream, i.name, progress, total)) for i in infos]
+    return out, dropped
+
+
+def _head_copy(apr: AprFile, stream: AprStream) -> str | None:
+    """The name of aprender's lm_head copy when the model is tied, else None.
+
+    Raises:
+        InvalidArgument: the model is marked tied but its head differs from the embedding.
+    """
+    meta = apr.metadata
+    family = family_of(meta.get("hf_model_type") or meta.get("architecture")) or FAMILIES["llama"]
+    head, embed = family.head, family.embed
+    if head not in apr or embed not in apr or not is_tied(meta, family):
+        return None
+    if apr.info(head).nbytes != apr.info(embed).nbytes or not equal_chunks(stream.chunks(head), stream.chunks(embed)):
+        raise InvalidArgument(
+            apr.path, f"metadata says the embeddings are tied but {head!r} differs from {embed!r}; "
+            "set tied_embeddings false or make them equal",
+        )
+    return head
+
+
+def _producer(stream: AprStream, name: str, progress: Progress | None, total: int) -> Callable[[], memoryview]:
+    def produce() -> memoryview:
+        data = stream.stream(name)
+        if progress is not None:
+            progress(name, len(data), total)
+        return data
+
+    return produce
+
+
+def _st_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
+    """safetensors `__metadata__`: the source's, always with {"format": "pt"} (transformers wants it)."""
+    source = meta.get(SOURCE_METADATA)
+    carried = {k: v for k, v in source.items() if isinstance(v, str)} if isinstance(source, Mapping) else {}
+    return {**carried, "format": "pt"}
+
+
+def _source_split(tensors: list[OutTensor], meta: Mapping[str, Any]) -> dict[str, list[OutTensor]] | None:
+    """The source's shard files (name -> tensors) when the stored index covers exactly `tensors`."""
+    index = meta.get(HF_INDEX)
+    weight_map = index.get("weight_map") if isinstance(index, Mapping) else None
+    if not isinstance(weight_map, Mapping) or set(weight_map) != {t.name for t in tensors}:
+        return None
+    files = set(weight_map.values())
+    if len(files) < 2 or not all(isinstance(f, str) and _plain_name(f) and f.endswith(".safetensors") for f in files):
+        return None
+    split: dict[str, list[OutTensor]] = {f: [] for f in sorted(files)}
+    for t in tensors:
+        split[weight_map[t.name]].append(t)
+    return split
+
+
+def _plain_name(name: str) -> bool:
+    return os.path.basename(name) == name and name not in ("", ".", "..")
+
+
+def _shard(tensors: list[OutTensor], limit: int, meta: Mapping[str, Any]) -> dict[str, list[OutTensor]]:
+    """Greedy split in name order: each shard's file fits `limit` unless one tensor alone exceeds it."""
+    st_meta = _st_metadata(meta)
+    shards: list[list[OutTensor]] = []
+    current: list[OutTensor] = []
+    for t in sorted(tensors, key=lambda t: t.name):
+        if current and file_size(layout([*current, t]), st_meta) > limit:
+            shards.append(current)
+            current = []
+        current.append(t)
+    if current or not shards:
+        shards.append(current)
+    if len(shards) == 1:
+        return {SINGLE_FILE: shards[0]}
+    return {f"model-{i:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards, 1)}
+
+
+# -- writing -----------------------------------------------------------------------------
+def _write_folder(tmp: str, apr: AprFile, shards: dict[str, list[OutTensor]]) -> tuple[list[str], bool]:
+    meta = apr.metadata
+    st_meta = _st_metadata(meta)
+    files: list[str] = []
+    for name, shard in shards.items():
+        _write_file(os.path.join(tmp, name), shard, st_meta)
+        files.append(name)
+    if len(shards) > 1:
+        tensors = [t for shard in shards.values() for t in shard]
+        index_meta = {
+            "total_parameters": sum(_numel(t.shape) for t in tensors),
+            "total_size": sum(t.nbytes for t in tensors),
+        }
+        stored = meta.get(HF_INDEX)
+        if isinstance(stored, Mapping) and isinstance(stored.get("metadata"), Mapping):
+            index_meta = {**stored["metadata"], "total_size": index_meta["total_size"]}
+        weight_map = {t.name: name for name, shard in shards.items() for t in shard}
+        index = {"metadata": index_meta, "weight_map": dict(sorted(weight_map.items()))}
+        _write_text(os.path.join(tmp, INDEX_FILE), json.dumps(index, indent=2, sort_keys=True) + "\n")
+        files.append(INDEX_FILE)
+    config = hf_config_text(meta)
+    if config is not None:
+        _write_text(os.path.join(tmp, "config.json"), config)
+        files.append("config.json")
+    carried = meta.get(HF_FILES)
+    for name, text in sorted(carried.items()) if isinstance(carried, Mapping) else []:
+        if not isinstance(text, str) or not _plain_name(name) or name in (*shards, INDEX_FILE, "config.json"):
+            raise InvalidArgument(apr.path, f"carried file name {name!r} is not a plain file name")
+        _write_text(os.path.join(tmp, name), text)
+        files.append(name)
+    return sorted(files), config is not None
+
+
+def _write_file(path: str, tensors: list[OutTensor], meta: dict[str, str]) -> None:
+    with open(path, "wb", buffering=1024 * 1024) as out:
+        write_safetensors(out, tensors, meta)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        out.write(text)
+
+
+def _write_file_atomic(dst: str, tensors: list[OutTensor], meta: dict[str, str]) -> None:
+    folder = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".apr-tmp", dir=folder)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        _write_file(tmp, tensors, meta)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_file(dst: str, force: bool) -> None:
+    if os.path.isdir(dst):
+        raise OutputExists(dst, "is a folder; give a file name such as model.safetensors")
+    if os.path.exists(dst) and not force:
+        raise OutputExists(dst, "already exists (use --force to overwrite)")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(2, "No such file or directory", parent)
+
+
+def _check_folder(out_dir: str, force: bool) -> None:
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise OutputExists(out_dir, "exists and is not a folder")
+        if os.listdir(out_dir) and not force:
+            raise OutputExists(out_dir, "already exists and is not empty (use --force to replace it)")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(2, "No such file or directory", parent)
+
+
+def _replace_folder(tmp: str, out_dir: str) -> None:
+    """Put the finished folder in place; an old one is moved aside first, then removed."""
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".apr-old",
+                               dir=os.path.dirname(os.path.abspath(out_dir)))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

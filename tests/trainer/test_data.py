@@ -1,0 +1,185 @@
+"""Token data: token files and sidecars, aprender u32 shards, text tokenization, split and sampling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from apr_format.errors import CorruptSource, InvalidArgument
+from apr_trainer import tokenization
+from apr_trainer.data import (
+    TokenDataset,
+    TokenStream,
+    open_token_file,
+    open_tokens,
+    sidecar_path,
+    tokenize_corpus,
+    write_token_file,
+)
+from apr_trainer.tokenization import encode_documents, iter_documents, load_tokenizer
+
+TEXT = "".join(
+    f"Line {i} of the tale: the miller walked to the river, and the {'cat' if i % 3 else 'dog'} slept.\n"
+    + ("\n" if i % 4 == 0 else "") + ("  indented line\n" if i % 7 == 0 else "")
+    for i in range(120)
+)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory):
+    """A real byte-level BPE tokenizer.json (GPT-2 style pre-tokenizer), trained on TEXT."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_token_file_roundtrip_with_sidecar(tmp_path):
+    ids = np.arange(1000) % 300
+    meta = write_token_file(tmp_path / "t.bin", [ids[:400], ids[400:]], vocab_size=300)
+    assert meta["dtype"] == "uint16" and meta["num_tokens"] == 1000 and meta["max_id"] == 299
+    side = json.loads(sidecar_path(tmp_path / "t.bin").read_text())
+    assert side["vocab_size"] == 300 and side["dtype"] == "uint16"
+    arr, info = open_token_file(tmp_path / "t.bin")
+    assert isinstance(arr, np.memmap) and arr.dtype == np.dtype("<u2")
+    assert np.array_equal(arr, ids) and info.vocab_size == 300
+    assert (tmp_path / "t.bin").stat().st_size == 2000
+
+
+def test_large_vocabulary_gets_uint32(tmp_path):
+    meta = write_token_file(tmp_path / "t.bin", [np.array([151_000, 5, 70_000])], vocab_size=151_936)
+    arr, _ = open_token_file(tmp_path / "t.bin")
+    assert meta["dtype"] == "uint32" and arr.tolist() == [151_000, 5, 70_000]
+    with pytest.raises(InvalidArgument, match="151936 does not fit uint16"):
+        write_token_file(tmp_path / "u.bin", [np.array([1])], vocab_size=151_936, dtype="uint16")
+
+
+def test_bare_bin_is_aprender_little_endian_u32(tmp_path):
+    ids = np.array([1, 2, 70_000, 3], dtype="<u4")
+    (tmp_path / "shard.bin").write_bytes(ids.tobytes())
+    arr, info = open_token_file(tmp_path / "shard.bin")
+    assert arr.tolist() == [1, 2, 70_000, 3] and info.dtype == "uint32" and info.vocab_size is None
+
+
+def test_bad_token_files_are_clear_errors(tmp_path):
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(CorruptSource, match="3 bytes is not a whole number of uint32 tokens"):
+        open_token_file(tmp_path / "odd.bin")
+    write_token_file(tmp_path / "t.bin", [np.arange(10)], vocab_size=300)
+    with open(tmp_path / "t.bin", "ab") as fh:  # a token file that no longer matches its sidecar
+        fh.write(b"\x00\x00")
+    with pytest.raises(CorruptSource, match="holds 11 tokens but t.bin.json says 10"):
+        open_token_file(tmp_path / "t.bin")
+    sidecar_path(tmp_path / "t.bin").write_text('{"dtype": "int8"}')
+    with pytest.raises(CorruptSource, match="dtype 'int8' is not one of uint16, uint32"):
+        open_token_file(tmp_path / "t.bin")
+
+
+def test_shard_folder_reads_as_one_stream(tmp_path):
+    first, second = np.arange(0, 50, dtype="<u4"), np.arange(50, 120, dtype="<u4")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00.bin").write_bytes(first.tobytes())
+    (tmp_path / "shards" / "01.bin").write_bytes(second.tobytes())
+    stream = open_tokens(tmp_path / "shards")
+    assert len(stream) == 120 and stream.max_id() == 119
+    assert stream.slice(45, 56).tolist() == list(range(45, 56))  # crosses the shard boundary
+    (tmp_path / "shards" / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidArgument, match="mixes token files"):
+        open_tokens(tmp_path / "shards")
+
+
+def test_unknown_data_format_is_rejected(tmp_path):
+    (tmp_path / "data.parquet").write_bytes(b"x")
+    with pytest.raises(InvalidArgument, match="unknown data format '.parquet'"):
+        open_tokens(tmp_path / "data.parquet")
+
+
+def test_validation_is_the_tail_and_never_sampled():
+    stream = TokenStream([np.arange(10_000, dtype=np.uint32)], "mem")
+    data = TokenDataset(stream, seq_len=32, val_fraction=0.1)
+    assert (data.split.n_train, data.split.n_val) == (9000, 1000)
+    for step in range(200):
+        starts = data.train_starts(seed=3, step=step, grad_accum=2, batch_size=8)
+        assert starts.shape == (2, 8)
+        assert starts.min() >= 0 and starts.max() + 33 <= data.split.n_train
+    val = data.val_starts(max_windows=1000)
+    assert len(val) == (1000 - 1) // 32 and val[0] == 9000 and val[-1] + 33 <= 10_000
+    windows = data.windows(val[:2])
+    assert windows.shape == (2, 33) and windows[0, 0] == 9000 and windows[1, 0] == 9032
+
+
+def test_windows_depend_only_on_seed_and_step():
+    data = TokenDataset(TokenStream([np.arange(5000, dtype=np.uint32)], "mem"), seq_len=16, val_fraction=0.05)
+    a = data.train_starts(seed=1, step=7, grad_accum=1, batch_size=8)
+    assert np.array_equal(a, data.train_starts(seed=1, step=7, grad_accum=1, batch_size=8))
+    assert not np.array_equal(a, data.train_starts(seed=2, step=7, grad_accum=1, batch_size=8))
+    assert not np.array_equal(a, data.train_starts(seed=1, step=8, grad_accum=1, batch_size=8))
+    # accumulation splits the same windows: 2 x 4 draws the same 8 starts as 1 x 8
+    assert np.array_equal(a.reshape(-1), data.train_starts(seed=1, step=7, grad_accum=2, batch_size=4).reshape(-1))
+
+
+def test_too_little_data_names_the_numbers():
+    stream = TokenStream([np.arange(40, dtype=np.uint32)], "small.bin")
+    with pytest.raises(InvalidArgument, match="small.bin: holds 40 tokens; --seq-len 32 .* needs at least 66"):
+        TokenDataset(stream, seq_len=32, val_fraction=0.05)
+
+
+def test_chunked_text_encodes_like_the_whole_file(tmp_path, bpe_tokenizer, monkeypatch):
+    info = load_tokenizer(bpe_tokenizer)
+    (tmp_path / "tale.txt").write_text(TEXT)
+    whole = info.tokenizer.encode(TEXT, add_special_tokens=False).ids + [info.eos_id]
+    monkeypatch.setattr(tokenization, "CHUNK_CHARS", 97)  # many pieces, cut inside the text
+    pieces = list(tokenization._text_pieces(tmp_path / "tale.txt"))
+    assert len(pieces) > 20 and "".join(pieces) == TEXT
+    ids = np.concatenate(list(encode_documents(info, iter_documents([tmp_path / "tale.txt"]))))
+    assert ids.tolist() == whole
+
+
+def test_jsonl_documents_end_with_eos(tmp_path, bpe_tokenizer):
+    info = load_tokenizer(bpe_tokenizer)
+    lines = [json.dumps({"text": "the cat"}), "", json.dumps({"text": "a dog"})]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    ids = np.concatenate(list(encode_documents(info, iter_documents([tmp_path / "docs.jsonl"])))).tolist()
+    enc = info.tokenizer.encode
+    assert ids == enc("the cat").ids + [info.eos_id] + enc("a dog").ids + [info.eos_id]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(CorruptSource, match='bad.jsonl: line 2 has no string "text" field'):
+        list(iter_documents([tmp_path / "bad.jsonl"]))
+
+
+def test_tokenize_corpus_matches_in_memory_tokenization(tmp_path, bpe_tokenizer):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXT[:2000])
+    (folder / "b.jsonl").write_text(json.dumps({"text": TEXT[2000:3000]}) + "\n")
+    info = load_tokenizer(bpe_tokenizer)
+    meta = tokenize_corpus(folder, tmp_path / "corpus.bin", info)
+    assert meta["files"] == 2 and meta["tokenizer_sha256"] == info.sha256 and meta["eos_id"] == info.eos_id
+    from_file = open_tokens(tmp_path / "corpus.bin")
+    in_memory = open_tokens(folder, tokenizer=lambda: info)
+    assert len(from_file) == meta["num_tokens"] == len(in_memory)
+    assert from_file.slice(0, len(from_file)).tolist() == in_memory.slice(0, len(in_memory)).tolist()
+
+
+def test_text_that_is_not_utf8_is_a_clear_error(tmp_path, bpe_tokenizer):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\r\n".encode("latin-1"))
+    with pytest.raises(CorruptSource, match="latin1.txt: is not UTF-8 text"):
+        open_tokens(tmp_path / "latin1.txt", tokenizer=lambda: load_tokenizer(bpe_tokenizer))
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
+    pieces = list(iter_documents([tmp_path / "crlf.txt"]))
+    assert "".join(pieces[0]) == "one\r\ntwo\r\n"  # kept as written, not translated
+
+
+def test_text_without_tokenizer_is_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(InvalidArgument, match="text data needs a tokenizer"):
+        open_tokens(tmp_path / "a.txt")

@@ -1,0 +1,82 @@
+"""DDP on CPU: `torchrun --nproc_per_node 2` (gloo) trains like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apr_format import open_apr, save_apr
+from apr_testing import run_apr
+from apr_trainer.data import write_token_file
+from apr_trainer.model import DecoderLM
+from apr_trainer.presets import preset
+
+FLAGS = ["--steps", "6", "--batch-size", "8", "--grad-accum", "2", "--seq-len", "32", "--lr", "3e-3",
+         "--warmup", "2", "--val-every", "3", "--save-every", "3", "--device", "cpu", "--log-every", "1"]
+
+
+def torchrun(*args: str | os.PathLike, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m apr_cli.main ...` (the same command users run)."""
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "apr_cli.main", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A tiny tied Llama .apr (f32) and a learnable token file."""
+    import torch
+
+    root = tmp_path_factory.mktemp("ddp")
+    config = preset("tiny")
+    torch.manual_seed(0)
+    save_apr(root / "model.apr", DecoderLM(config).state_dict(), config.to_metadata())
+    rng = np.random.default_rng(0)
+    ids = np.zeros(20_000, dtype=np.int64)
+    for i in range(1, len(ids)):
+        ids[i] = (ids[i - 1] * 5 + 1 + rng.integers(0, 4)) % 512
+    write_token_file(root / "tokens.bin", [ids], 512)
+    return root
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_gloo_processes_match_one_process(inputs, tmp_path):
+    data = ["--init", inputs / "model.apr", "--data", inputs / "tokens.bin", *FLAGS]
+    run_apr("pretrain", *data, "--out", tmp_path / "one", check=True)
+    proc = torchrun("pretrain", *data, "--out", tmp_path / "two", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # one JSON document: only rank 0 prints
+    assert summary["world_size"] == 2
+    assert proc.stderr.count("step 0 (before any update)") == 1  # only rank 0 logs
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == list(range(7))  # only rank 0 writes
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (a["step"], key)
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-000006.state.json").read_text())
+    digests = state["replica_sha256"]
+    assert state["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert summary["replica_sha256"] == digests
+    with open_apr(tmp_path / "one" / "final.apr") as f, open_apr(tmp_path / "two" / "final.apr") as g:
+        assert f.keys() == g.keys()
+        for name in f.keys():
+            np.testing.assert_allclose(g[name], f[name], atol=1e-5)
+
+
+def test_batch_that_does_not_split_over_ranks_is_refused(inputs, tmp_path):
+    proc = torchrun("pretrain", "--init", inputs / "model.apr", "--data", inputs / "tokens.bin", "--out",
+                    tmp_path / "run", "--batch-size", "3", "--device", "cpu")
+    assert proc.returncode != 0
+    assert "--batch-size: 3 sequences per micro-step cannot be split evenly over 2 processes" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,221 @@
+"""Training checkpoints: weights as .apr, training state beside it as safetensors tensors + JSON scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apr_format import AprWriter, Flag
+from apr_format.errors import CorruptSource, InvalidArgument
+
+from .tokenization import carried_tokenizer_text
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_NAME = "final.apr"
+STATE_JSON = ".state.json"  # scalars; written last, so its presence marks a complete checkpoint
+STATE_TENSORS = ".state.safetensors"  # optimizer moments, RNG states, fp32 master weights if needed
+STATE_FORMAT = "apr-train-state"
+STATE_VERSION = 1
+_STEP_FILE = re.compile(r"^step-(\d+)\.apr$")
+_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# aprender's runtime looks up lm_head.weight first (spec: "Tied embeddings").
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """RUN_DIR/checkpoints/step-000200.apr."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}.apr"
+
+
+def state_paths(apr_path: str | os.PathLike) -> tuple[Path, Path]:
+    """The JSON and safetensors sidecars of a checkpoint: step-000200.state.json / .state.safetensors."""
+    base = Path(apr_path)
+    stem = base.name[: -len(".apr")] if base.name.endswith(".apr") else base.name
+    return base.with_name(stem + STATE_JSON), base.with_name(stem + STATE_TENSORS)
+
+
+def save_weights(
+    path: str | os.PathLike, params: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], *,
+    dtype: str, tied: bool, flags: int = 0,
+) -> None:
+    """Write model weights (canonical HF names) as an .apr, atomically, converting to `dtype`.
+
+    A tied model also gets aprender's `lm_head.weight` copy and `tied_embeddings: true`.
+    """
+    torch_dtype = _TORCH_DTYPES[dtype]
+    meta = dict(metadata)
+    tensors = dict(params)
+    if tied:
+        meta["tied_embeddings"] = True
+        tensors[LM_HEAD] = tensors[EMBED]
+    with AprWriter(path, meta, flags=flags) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, lambda t=tensor: t.detach().to("cpu", torch_dtype).contiguous(), dtype=dtype,
+                       shape=tuple(tensor.shape))
+
+
+def save_state(apr_path: str | os.PathLike, scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write the training-state sidecars of the checkpoint at `apr_path` (tensors first, JSON last)."""
+    from safetensors.torch import save_file
+
+    json_path, tensors_path = state_paths(apr_path)
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    atomic_write(tensors_path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
+    body = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors_file": tensors_path.name, **scalars}
+    text = json.dumps(body, indent=1, allow_nan=False)
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The scalars and tensors saved beside a checkpoint.
+
+    Raises:
+        InvalidArgument: the checkpoint has no training state (weights only: use --init).
+        CorruptSource: unreadable sidecars.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    json_path, tensors_path = state_paths(apr_path)
+    if not json_path.exists():
+        raise InvalidArgument(
+            apr_path, f"has no training state beside it ({json_path.name}); it holds weights only: "
+            "start a new run from it with --init, or resume from the run folder or a checkpoints/step-*.apr",
+        )
+    try:
+        scalars = json.loads(json_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptSource(json_path, "not valid JSON") from None
+    if not isinstance(scalars, dict) or scalars.get("format") != STATE_FORMAT:
+        raise CorruptSource(json_path, f"not an {STATE_FORMAT} file")
+    if scalars.get("version") != STATE_VERSION:
+        raise CorruptSource(json_path, f"state version {scalars.get('version')!r}, this apr reads {STATE_VERSION}")
+    try:
+        tensors = load_file(os.fspath(tensors_path))
+    except (SafetensorError, OSError) as exc:
+        raise CorruptSource(tensors_path, f"cannot read training state: {exc}") from None
+    return scalars, tensors
+
+
+def resolve_resume(path: str | os.PathLike) -> Path:
+    """The checkpoint to resume: the file given, or the newest complete one in RUN_DIR/checkpoints.
+
+    Raises:
+        InvalidArgument: a folder without any complete checkpoint.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(2, "No such file or directory", os.fspath(root))
+    if root.is_file():
+        return root
+    found = []
+    for candidate in (root / CHECKPOINT_DIR).glob("step-*.apr"):
+        match = _STEP_FILE.match(candidate.name)
+        if match and state_paths(candidate)[0].exists():
+            found.append((int(match.group(1)), candidate))
+    if not found:
+        raise InvalidArgument(root, f"no complete checkpoint (step-*.apr with {STATE_JSON}) under {CHECKPOINT_DIR}/")
+    return max(found)[1]
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str]
+) -> dict[str, torch.Tensor]:
+    """Per-parameter optimizer state keyed `optim.<param name>.<field>` (names, not positions)."""
+    out = {}
+    for param, fields in optimizer.state.items():
+        for field, value in fields.items():
+            if isinstance(value, torch.Tensor):
+                out[f"optim.{names[param]}.{field}"] = value
+    return out
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str], tensors: Mapping[str, torch.Tensor],
+    source: str | os.PathLike,
+) -> int:
+    """Load per-parameter state saved by `optimizer_tensors`; returns the number of parameters restored.
+
+    Hyperparameters come from the fresh optimizer (they follow the run's config).
+
+    Raises:
+        CorruptSource: a parameter has no saved state, or the state names a parameter we do not have.
+    """
+    state = optimizer.state_dict()
+    index = {}
+    for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        index.update({names[p]: i for p, i in zip(group["params"], saved_group["params"], strict=True)})
+    restored: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        name, field = key[len("optim."):].rsplit(".", 1)
+        if name not in index:
+            raise CorruptSource(source, f"optimizer state for unknown parameter {name!r}")
+        restored.setdefault(index[name], {})[field] = value
+    missing = sorted(set(index) - {n for n, i in index.items() if i in restored})
+    if restored and missing:
+        raise CorruptSource(source, f"optimizer state lacks {len(missing)} parameters, e.g. {missing[0]!r}")
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+    return len(restored)
+
+
+def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    """The torch RNG states of this process (CPU, and the CUDA device in use)."""
+    out = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def restore_rng(tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    """Put back RNG states saved by `rng_tensors` (CUDA only when both sides used CUDA)."""
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"].to(torch.uint8), device)
+
+
+def publish_final(checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """RUN_DIR/final.apr: the last checkpoint's weights (hard link, or a copy), replaced atomically."""
+    final = Path(run_dir) / FINAL_NAME
+    atomic_write(final, lambda tmp: _link_or_copy(checkpoint, tmp))
+    return final
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str) -> None:
+    os.unlink(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call `write(tmp_path)` on a new temp file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    tmp = os.fspath(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+    open(tmp, "xb").close()  # created with the umask's permissions (mkstemp would force 0600)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def flags_for(metadata: Mapping[str, Any]) -> int:
+    """HAS_VOCAB when the metadata carries a tokenizer (spec: "Tokenizer")."""
+    has_vocab = "tokenizer.vocabulary" in metadata or carried_tokenizer_text(metadata) is not None
+    return int(Flag.HAS_VOCAB) if has_vocab else 0

@@ -1,0 +1,286 @@
+"""Token data: token files (+ JSON sidecar), aprender u32 shards, text; train/val split; seeded windows."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apr_format.errors import CorruptSource, InvalidArgument
+
+from .tokenization import TEXT_SUFFIXES, TokenizerInfo, encode_documents, iter_documents, text_files
+
+TOKEN_SUFFIX = ".bin"
+SIDECAR_FORMAT = "apr-tokens"
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_MAX_SCAN = 1 << 24  # elements per chunk when scanning a memmap for its largest id
+
+
+def sidecar_path(token_file: str | os.PathLike) -> Path:
+    """`<file>.json` next to a token file (nanoGPT keeps vocab_size beside its .bin the same way)."""
+    return Path(os.fspath(token_file) + ".json")
+
+
+@dataclass(frozen=True)
+class TokenFileInfo:
+    """What a token file's sidecar says (all None/empty for aprender's bare u32 shards)."""
+
+    dtype: str
+    vocab_size: int | None = None
+    num_tokens: int | None = None
+    tokenizer_sha256: str | None = None
+    eos_id: int | None = None
+
+
+class TokenStream:
+    """One or more 1-D token arrays (memmaps or in memory) seen as a single sequence."""
+
+    def __init__(self, parts: list[np.ndarray], source: str, info: TokenFileInfo | None = None,
+                 tokenizer: TokenizerInfo | None = None) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.source = source
+        self.info = info
+        self.tokenizer = tokenizer
+        self._ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as int64, crossing part boundaries when needed."""
+        out, pos = [], start
+        while pos < stop:
+            k = int(np.searchsorted(self._ends, pos, side="right"))
+            begin = int(self._ends[k - 1]) if k else 0
+            take = min(stop, int(self._ends[k])) - pos
+            out.append(np.asarray(self.parts[k][pos - begin : pos - begin + take], dtype=np.int64))
+            pos += take
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def max_id(self) -> int:
+        """The largest token id (scans memmaps in bounded chunks)."""
+        best = -1
+        for part in self.parts:
+            for begin in range(0, len(part), _MAX_SCAN):
+                best = max(best, int(part[begin : begin + _MAX_SCAN].max()))
+        return best
+
+
+def open_tokens(path: str | os.PathLike, tokenizer: Callable[[], TokenizerInfo] | None = None) -> TokenStream:
+    """Open training data: a token .bin (sidecar or bare u32), a folder of them, or text.
+
+    Text (.txt, .jsonl with "text", or a folder of them) is tokenized in memory with
+    `tokenizer()`, which is called only when the data is text.
+
+    Raises:
+        InvalidArgument: unknown format, a folder mixing token and text files, text without tokenizer.
+        CorruptSource: a token file whose size or sidecar is inconsistent.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(2, "No such file or directory", os.fspath(root))
+    if root.is_dir():
+        shards = sorted(p for p in root.rglob(f"*{TOKEN_SUFFIX}") if p.is_file())
+        texts = [p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
+        if shards and texts:
+            raise InvalidArgument(root, "folder mixes token files (.bin) and text files; keep one kind per folder")
+        if shards:
+            return _open_shards(shards, root)
+        return _tokenize_text(root, tokenizer)
+    if root.suffix == TOKEN_SUFFIX:
+        return _open_shards([root], root)
+    if root.suffix in TEXT_SUFFIXES:
+        return _tokenize_text(root, tokenizer)
+    raise InvalidArgument(root, f"unknown data format {root.suffix!r}: expected .bin tokens, .txt, .jsonl or a folder")
+
+
+def _open_shards(files: list[Path], source: Path) -> TokenStream:
+    opened = [open_token_file(f) for f in files]
+    first = opened[0][1]
+    for file, (_, info) in zip(files, opened, strict=True):
+        if (info.dtype, info.vocab_size, info.tokenizer_sha256) != (
+            first.dtype, first.vocab_size, first.tokenizer_sha256
+        ):
+            raise InvalidArgument(file, f"differs from {files[0].name} in dtype, vocab_size or tokenizer")
+    return TokenStream([arr for arr, _ in opened], os.fspath(source), first)
+
+
+def open_token_file(path: str | os.PathLike) -> tuple[np.ndarray, TokenFileInfo]:
+    """Memory-map one token file. No sidecar means aprender's little-endian u32 (spec).
+
+    Raises:
+        CorruptSource: bad sidecar, or a byte size that does not match it.
+    """
+    path = Path(path)
+    side = sidecar_path(path)
+    info = _read_sidecar(side) if side.exists() else TokenFileInfo(dtype="uint32")
+    dtype = _DTYPES[info.dtype]
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise CorruptSource(path, f"{size} bytes is not a whole number of {info.dtype} tokens")
+    count = size // dtype.itemsize
+    if info.num_tokens is not None and info.num_tokens != count:
+        raise CorruptSource(path, f"holds {count} tokens but {side.name} says {info.num_tokens}")
+    if count == 0:
+        raise CorruptSource(path, "holds no tokens")
+    return np.memmap(path, dtype=dtype, mode="r"), info
+
+
+def _read_sidecar(side: Path) -> TokenFileInfo:
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptSource(side, "not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise CorruptSource(side, "expected a JSON object")
+    dtype = meta.get("dtype")
+    if dtype not in _DTYPES:
+        raise CorruptSource(side, f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    ints = {}
+    for key in ("vocab_size", "num_tokens", "eos_id"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise CorruptSource(side, f"{key} must be a non-negative integer, got {value!r}")
+        ints[key] = value
+    return TokenFileInfo(dtype=dtype, tokenizer_sha256=meta.get("tokenizer_sha256"), **ints)
+
+
+def _tokenize_text(root: Path, tokenizer: Callable[[], TokenizerInfo] | None) -> TokenStream:
+    if tokenizer is None:
+        raise InvalidArgument(
+            root, "text data needs a tokenizer: pass --tokenizer tokenizer.json or --init a model carrying one"
+        )
+    info = tokenizer()
+    chunks = list(encode_documents(info, iter_documents(text_files(root))))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    if not len(tokens):
+        raise CorruptSource(root, "text holds no tokens")
+    return TokenStream([tokens.astype(np.uint32)], os.fspath(root), tokenizer=info)
+
+
+def write_token_file(
+    path: str | os.PathLike, chunks: Iterable[np.ndarray], vocab_size: int, dtype: str = "auto",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Stream token ids to `path` and write the `<path>.json` sidecar; both atomically.
+
+    `dtype` "auto" picks uint16 when every id < 65536 can be stored, else uint32.
+    Returns the sidecar dict.
+
+    Raises:
+        InvalidArgument: unknown dtype, or uint16 asked for a vocabulary above 65536.
+    """
+    if dtype == "auto":
+        dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    if dtype not in _DTYPES:
+        raise InvalidArgument(path, f"unknown token dtype {dtype!r} (choose auto, uint16 or uint32)")
+    if dtype == "uint16" and vocab_size > 1 << 16:
+        raise InvalidArgument(path, f"vocabulary of {vocab_size} does not fit uint16 tokens; use uint32")
+    np_dtype = _DTYPES[dtype]
+    count, max_id = 0, -1
+    with _AtomicFile(path) as fh:
+        for chunk in chunks:
+            if len(chunk):
+                max_id = max(max_id, int(chunk.max()))
+                fh.write(np.asarray(chunk, dtype=np_dtype).tobytes())
+                count += len(chunk)
+    meta = {"format": SIDECAR_FORMAT, "dtype": dtype, "vocab_size": vocab_size, "num_tokens": count,
+            "max_id": max_id, **(extra or {})}
+    with _AtomicFile(sidecar_path(path)) as fh:
+        fh.write(json.dumps(meta, indent=1).encode("utf-8"))
+    return meta
+
+
+def tokenize_corpus(
+    source: str | os.PathLike, out: str | os.PathLike, tokenizer: TokenizerInfo, dtype: str = "auto"
+) -> dict[str, Any]:
+    """Tokenize text (.txt, .jsonl, or a folder of them) into a token file + sidecar, streaming.
+
+    Returns the sidecar dict. Raises what `text_files`, `iter_documents` and `write_token_file` raise.
+    """
+    files = text_files(source)
+    chunks = encode_documents(tokenizer, iter_documents(files))
+    extra = {"source": os.fspath(source), "files": len(files), "tokenizer": tokenizer.source,
+             "tokenizer_sha256": tokenizer.sha256, "eos_id": tokenizer.eos_id}
+    return write_token_file(out, chunks, tokenizer.size, dtype, extra)
+
+
+class _AtomicFile:
+    """Binary file written to a temp beside `path`, fsynced and renamed over it on success."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        folder, name = os.path.split(os.path.abspath(self.path))
+        self.tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        self.fh = open(self.tmp, "xb", buffering=1 << 20)  # umask permissions, unlike mkstemp's 0600
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Where training and validation windows come from in a TokenStream."""
+
+    n_train: int  # tokens [0, n_train) are sampled for training
+    n_val: int  # tokens [n_train, n_train + n_val) are held out for validation
+
+
+class TokenDataset:
+    """Train/val split of a TokenStream and the windows of `seq_len + 1` tokens drawn from it.
+
+    The last `val_fraction` of the tokens (at least one window) is the validation split and is
+    never sampled for training. Training windows of a step depend only on (seed, step), so
+    the data position of a run is its step and resuming needs no sampler state.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, val_fraction: float) -> None:
+        if not 0.0 < val_fraction < 1.0:
+            raise InvalidArgument("--val-fraction", f"must be between 0 and 1 (exclusive), got {val_fraction}")
+        if seq_len < 1:
+            raise InvalidArgument("--seq-len", f"must be at least 1, got {seq_len}")
+        n = len(stream)
+        window = seq_len + 1
+        n_val = max(math.ceil(n * val_fraction), window)
+        if n - n_val < window:
+            raise InvalidArgument(
+                stream.source,
+                f"holds {n} tokens; --seq-len {seq_len} with --val-fraction {val_fraction} needs at least "
+                f"{n_val + window} (one training and one validation window of {window} tokens)",
+            )
+        self.stream = stream
+        self.seq_len = seq_len
+        self.split = Windows(n_train=n - n_val, n_val=n_val)
+
+    def train_starts(self, seed: int, step: int, grad_accum: int, batch_size: int) -> np.ndarray:
+        """Start offsets [grad_accum, batch_size] of the windows used for optimizer step `step`."""
+        rng = np.random.default_rng(np.random.SeedSequence([seed, step]))
+        return rng.integers(0, self.split.n_train - self.seq_len, size=(grad_accum, batch_size))
+
+    def windows(self, starts: Iterable[int]) -> np.ndarray:
+        """Token windows [len(starts), seq_len + 1] (int64)."""
+        return np.stack([self.stream.slice(int(s), int(s) + self.seq_len + 1) for s in starts])
+
+    def val_starts(self, max_windows: int) -> np.ndarray:
+        """Fixed validation windows: back to back from the start of the held-out split."""
+        count = min(max_windows, (self.split.n_val - 1) // self.seq_len)
+        return self.split.n_train + self.seq_len * np.arange(count, dtype=np.int64)
