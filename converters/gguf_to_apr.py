@@ -103,7 +103,9 @@ def convert_gguf(
     tok = tokenizer_files(meta, src, model_max_length=config["max_position_embeddings"])
     warnings += tok.warnings
     if tok.files and tok.vocab_size > config["vocab_size"]:
-        raise VocabMismatch(src, f"tokenizer has {tok.vocab_size} tokens, more than the model's {config['vocab_size']} rows")
+        raise VocabMismatch(
+            src, f"tokenizer has {tok.vocab_size} tokens, more than the model's {config['vocab_size']} rows"
+        )
     tied = config["tie_word_embeddings"]
     entries = _plan(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src)
     param_count = sum(_numel(e.shape) for e in entries)
@@ -152,8 +154,12 @@ def open_gguf(src: str) -> Any:
 
     Raises:
         CorruptSource: not a GGUF file, or a header / tensor table that does not fit the file.
+        UnsupportedFeature: the optional `gguf` package is not installed.
     """
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise UnsupportedFeature(src, "GGUF input needs the 'gguf' package: pip install 'apr-toolkit[gguf]'") from None
 
     _check_layout(src)
     try:
@@ -209,7 +215,9 @@ class _Cursor:
 
     def skip(self, n: int) -> None:
         if n < 0 or self.pos + n > len(self.buf):
-            raise CorruptSource(self.src, f"GGUF header runs past the end of the file ({len(self.buf)} bytes) at byte {self.pos}")
+            raise CorruptSource(
+                self.src, f"GGUF header runs past the end of the file ({len(self.buf)} bytes) at byte {self.pos}"
+            )
         self.pos += n
 
     def unpack(self, fmt: str) -> int:
@@ -271,7 +279,9 @@ def _map_tensors(reader: Any, src: str) -> tuple[dict[str, Any], list[str]]:
     for t in reader.tensors:
         name, known = hf_name(t.name)
         if not known:
-            raise UnsupportedArchitecture(src, f"tensor {t.name!r} has no HF name in the GGUF table (unsupported model part)")
+            raise UnsupportedArchitecture(
+                src, f"tensor {t.name!r} has no HF name in the GGUF table (unsupported model part)"
+            )
         if name is None:
             skipped.append(t.name)
             continue
@@ -300,7 +310,9 @@ def hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, Any], src: str
         value = meta.get(f"{arch}.{gguf_key}")
         if isinstance(value, list):
             if len(set(value)) != 1:
-                raise UnsupportedFeature(src, f"{arch}.{gguf_key} varies per layer ({sorted(set(value))}); not supported")
+                raise UnsupportedFeature(
+                    src, f"{arch}.{gguf_key} varies per layer ({sorted(set(value))}); not supported"
+                )
             value = value[0]
         if value is not None:
             config[hf_key] = value
@@ -311,10 +323,14 @@ def hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, Any], src: str
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     rope_dims = meta.get(f"{arch}.rope.dimension_count")
     if rope_dims is not None and rope_dims != head_dim:
-        raise UnsupportedFeature(src, f"partial rotary ({arch}.rope.dimension_count {rope_dims} < head_dim {head_dim}) is not supported")
+        raise UnsupportedFeature(
+            src, f"partial rotary ({arch}.rope.dimension_count {rope_dims}, head_dim {head_dim}) is not supported"
+        )
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise UnsupportedFeature(src, f"rope scaling {scaling!r} ({arch}.rope.scaling.type) is not supported (only plain RoPE)")
+        raise UnsupportedFeature(
+            src, f"rope scaling {scaling!r} ({arch}.rope.scaling.type) is not supported (only plain RoPE)"
+        )
     config["hidden_act"] = "silu"
     config["tie_word_embeddings"] = _HEAD not in tensors
     for gguf_key, hf_key in GGUF_TOKEN_ID_KEYS.items():
@@ -382,7 +398,9 @@ def _plan(
     for name, t in tensors.items():
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (innermost) first
         if shape != expected[name]:
-            raise ShapeMismatch(src, f"tensor {t.name!r} ({name}) has shape {list(shape)}, expected {list(expected[name])}")
+            raise ShapeMismatch(
+                src, f"tensor {t.name!r} ({name}) has shape {list(shape)}, expected {list(expected[name])}"
+            )
         _check_type(t, src)
         out = KEEP_RAW[t.tensor_type.name] if keep_quant and t.tensor_type.name in KEEP_RAW else dtype
         heads_key = permute_heads_key(name) if permuted else None
@@ -399,7 +417,9 @@ def _check_type(t: Any, src: str) -> None:
         _, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
         gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), t.tensor_type)
     except (NotImplementedError, KeyError, ValueError):
-        raise UnsupportedFeature(src, f"tensor {t.name!r}: GGML type {t.tensor_type.name} cannot be dequantized") from None
+        raise UnsupportedFeature(
+            src, f"tensor {t.name!r}: GGML type {t.tensor_type.name} cannot be dequantized"
+        ) from None
 
 
 def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[], np.ndarray]:
@@ -433,7 +453,8 @@ def _convert(entry: _Entry) -> np.ndarray:
     out_rows = out.reshape(rows.shape[0], -1)
     step = max(1, _CHUNK_VALUES // max(1, out_rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        values = np.ascontiguousarray(gguf.quants.dequantize(rows[start : start + step], t.tensor_type), dtype=np.float32)
+        values = gguf.quants.dequantize(rows[start : start + step], t.tensor_type)
+        values = np.ascontiguousarray(values, dtype=np.float32)
         if entry.dtype != "f32":
             values = cast(memoryview(values).cast("B"), "f32", entry.dtype)
         out_rows[start : start + step] = values.reshape(-1, out_rows.shape[1])

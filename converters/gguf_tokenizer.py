@@ -64,7 +64,9 @@ class TokenizerFiles:
     warnings: tuple[str, ...] = ()
 
 
-def tokenizer_files(meta: Mapping[str, Any], path: str | os.PathLike, *, model_max_length: int | None = None) -> TokenizerFiles:
+def tokenizer_files(
+    meta: Mapping[str, Any], path: str | os.PathLike, *, model_max_length: int | None = None
+) -> TokenizerFiles:
     """Rebuild tokenizer.json / tokenizer_config.json from GGUF `meta` (key -> Python value).
 
     A carried `tokenizer.huggingface.json` is used verbatim. Byte-level ("gpt2") and
@@ -90,7 +92,10 @@ def tokenizer_files(meta: Mapping[str, Any], path: str | os.PathLike, *, model_m
     else:
         warnings.append(f"tokenizer.ggml.model {model!r} is not rebuilt (supported: gpt2, llama); no tokenizer carried")
         return TokenizerFiles({}, model, len(tokens), tuple(warnings))
-    files = {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False)}
+    files = {
+        "tokenizer.json": tokenizer_json,
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+    }
     return TokenizerFiles(files, model, len(tokens), tuple(warnings))
 
 
@@ -170,7 +175,9 @@ def _sentencepiece_json(meta: Mapping[str, Any], tokens: list[str], config: dict
     merges = _merges_from_scores(tokens, scores, types)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True))
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+    )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))

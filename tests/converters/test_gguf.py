@@ -35,7 +35,8 @@ PRE_OF = {"llama": "gpt2", "qwen2": "qwen2"}  # tokenizer.ggml.pre written for e
 # -- GGUF writing, as llama.cpp's convert_hf_to_gguf.py does it ----------------------------------
 def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute (HF rotate-half rows -> GGML adjacent pairs)."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    grouped = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(weights.shape)
 
 
 # Pre-tokenization as the HF tokenizer.json of each model spells it, by tokenizer.ggml.pre.
@@ -84,6 +85,7 @@ def add_bpe_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, n_vocab: int, pre: str
 def write_gguf(
     path: Path, model: torch.nn.Module, qtype: Q, *, tokenizer: Tokenizer | None = None,
     drop: tuple[str, ...] = (), arch: str | None = None, block_count: int | None = None,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write an HF Llama / Qwen2 model as llama.cpp would: GGUF names (gguf's own TensorNameMap),
     q/k rows permuted for llama, 1-D tensors in F32, 2-D tensors in `qtype`."""
@@ -103,7 +105,8 @@ def write_gguf(
     w.add_rope_dimension_count(head_dim)
     if tokenizer is not None:
         add_bpe_tokenizer(w, tokenizer, cfg.vocab_size, PRE_OF[family])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if family == "llama" else gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers)
+    gguf_arch = gguf.MODEL_ARCH.LLAMA if family == "llama" else gguf.MODEL_ARCH.QWEN2
+    names = gguf.get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -121,6 +124,8 @@ def write_gguf(
             w.add_tensor(gguf_name, data.astype(np.float16))
         else:
             w.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    for name, data in (extra or {}).items():
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -154,7 +159,8 @@ def _ids(vocab: int) -> torch.Tensor:
 def _load_into_transformers(apr_path: Path) -> torch.nn.Module:
     """A transformers model built from the .apr's hf_config with its tensors, strict."""
     with open_apr(apr_path) as f:
-        config = transformers.AutoConfig.for_model(**{k: v for k, v in f.metadata["hf_config"].items() if k != "torch_dtype"})
+        hf_config = {k: v for k, v in f.metadata["hf_config"].items() if k != "torch_dtype"}
+        config = transformers.AutoConfig.for_model(**hf_config)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
         state = {name: f.torch(name).float() for name in f.keys()}
     model.load_state_dict(state, strict=True)
@@ -245,7 +251,8 @@ def test_4_and_5_bit_types_dequantize_to_what_gguf_says(hf_llama, qtype, tmp_pat
     kv_order = np.argsort(llama_permute(np.arange(cfg.num_key_value_heads * 16), cfg.num_key_value_heads))
     with open_apr(tmp_path / "m.apr") as f:
         np.testing.assert_array_equal(f["model.layers.1.self_attn.q_proj.weight"], stored["blk.1.attn_q.weight"][order])
-        np.testing.assert_array_equal(f["model.layers.0.self_attn.k_proj.weight"], stored["blk.0.attn_k.weight"][kv_order])
+        k = f["model.layers.0.self_attn.k_proj.weight"]
+        np.testing.assert_array_equal(k, stored["blk.0.attn_k.weight"][kv_order])
         np.testing.assert_array_equal(f["model.layers.0.mlp.down_proj.weight"], stored["blk.0.ffn_down.weight"])
         np.testing.assert_array_equal(f["lm_head.weight"], stored["output.weight"])
         original = model.state_dict()["model.layers.0.mlp.up_proj.weight"].numpy()
@@ -400,6 +407,20 @@ def test_missing_layer_tensor_and_missing_key(hf_llama, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_rope_freqs_is_dropped_with_a_warning_and_unknown_tensors_refused(hf_llama, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "a.gguf", model, Q.F32, extra={"rope_freqs.weight": np.ones(8, np.float32)})
+    report = convert_gguf(src, tmp_path / "a.apr")
+    assert report.skipped == ["rope_freqs.weight"]
+    assert report.warnings == [
+        "rope_freqs.weight dropped: llama3-style rope scaling is not supported, plain RoPE is used",
+        "the GGUF has no tokenizer (tokenizer.ggml.model absent)",
+    ]
+    src = write_gguf(tmp_path / "b.gguf", model, Q.F32, extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)})
+    with pytest.raises(UnsupportedArchitecture, match=r"tensor 'blk.0.attn_q_norm.weight' has no HF name"):
+        convert_gguf(src, tmp_path / "b.apr")
+
+
 def test_output_exists_needs_force(hf_qwen2, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_qwen2, dtype=torch.float32)
     src = write_gguf(tmp_path / "m.gguf", model, Q.F32)
@@ -429,7 +450,7 @@ def test_missing_required_metadata_key(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(MissingConfigKey, match=r"GGUF metadata lacks llama.embedding_length, llama.feed_forward_length"):
+    with pytest.raises(MissingConfigKey, match=r"metadata lacks llama.embedding_length, llama.feed_forward_length"):
         convert_gguf(tmp_path / "m.gguf", tmp_path / "m.apr")
 
 
@@ -453,7 +474,8 @@ def test_cli_convert_validate_export_then_transformers_loads_it(hf_model, tokeni
     (model and tokenizer) and gives the original logits."""
     src = write_gguf(tmp_path / "m.gguf", hf_model, Q.F32, tokenizer=tokenizer)
     report = run_apr_json("convert", src, "-o", tmp_path / "m.apr", "--dtype", "f32")
-    assert report["family"] == hf_model.config.model_type and report["source_types"] == {"F32": report["tensor_count"] - (1 if report["lm_head_copy"] else 0)}
+    assert report["family"] == hf_model.config.model_type
+    assert report["source_types"] == {"F32": len(hf_model.state_dict()) - (1 if report["lm_head_copy"] else 0)}
     assert run_apr("validate", tmp_path / "m.apr").returncode == 0
     run_apr("export", tmp_path / "m.apr", "-o", tmp_path / "hf", check=True)
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
