@@ -16,7 +16,7 @@ import numpy as np
 from apr_format import AprWriter
 from apr_format.architecture import ArchitectureConfig
 from apr_format.errors import (
-    CorruptMetadata, CorruptSource, InvalidArgument, MissingConfigKey, MissingTensor, OutputExists, ShapeMismatch,
+    CorruptMetadata, CorruptSource, InvalidArgument, MissingConfigKey, MissingTensor, ShapeMismatch,
     UnsupportedArchitecture, UnsupportedFeature, VocabMismatch,
 )
 
@@ -29,6 +29,7 @@ from .gguf_names import (
 from .gguf_tokenizer import tokenizer_files
 from .hf_to_apr import ConversionReport, Progress
 from .metadata import apr_metadata
+from .destination import check_destination
 
 OUT_DTYPES = ("bf16", "f16", "f32")
 KEEP_RAW = {"Q4_K": "q4_k", "Q6_K": "q6_k"}  # GGML type -> APR code 12 / 14, bytes unchanged
@@ -85,7 +86,7 @@ def convert_gguf(
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype not in OUT_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(OUT_DTYPES)}")
-    _check_destination(src, dst, force)
+    check_destination(src, dst, force)
     reader = open_gguf(src)
     meta = read_metadata(reader, src)
     reader.fields.clear()  # gguf-py keeps numpy arrays per token string; `meta` has the values now
@@ -133,19 +134,6 @@ def convert_gguf(
         source_types=metadata["gguf_tensor_types"], kept_quantized=len(kept), skipped=skipped,
         tokenizer=tok.model if tok.files else None,
     )
-
-
-def _check_destination(src: str, dst: str, force: bool) -> None:
-    if os.path.isdir(dst):
-        raise OutputExists(dst, "is a folder; give a file name such as model.apr")
-    if os.path.exists(dst):
-        if os.path.exists(src) and os.path.samefile(src, dst):
-            raise InvalidArgument(dst, "output would overwrite the input")
-        if not force:
-            raise OutputExists(dst, "already exists (use --force to overwrite)")
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(2, "No such file or directory", parent)
 
 
 # -- reading the GGUF --------------------------------------------------------------------------

@@ -203,13 +203,18 @@ def read_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         CorruptSource: not UTF-8 JSON, or not a JSON object.
     """
     text = _read_text(os.fspath(path))
+    return text, json_object(text, os.fspath(path))
+
+
+def json_object(text: str, where: str) -> dict[str, Any]:
+    """Parse `text` as a JSON object. Raises CorruptSource naming `where`."""
     try:
-        config = json.loads(text)
+        value = json.loads(text)
     except ValueError as exc:
-        raise CorruptSource(path, f"not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CorruptSource(path, f"is a JSON {type(config).__name__}, expected an object")
-    return text, config
+        raise CorruptSource(where, f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CorruptSource(where, f"is a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 def _read_text(path: str) -> str:

@@ -9,12 +9,13 @@ from typing import Any
 
 from apr_format import AprWriter
 from apr_format.constants import DTYPE_BY_NAME
-from apr_format.errors import InvalidArgument, MissingTensor, OutputExists, ShapeMismatch
+from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch
 
 from .dtype_cast import FLOAT_DTYPES, ITEMSIZE, cast_chunks
 from .families import Family, expected_tensors, family_of, is_tied, map_config
 from .hf_source import HfSource, SourceTensor, open_hf_source, read_config
 from .metadata import HF_INDEX, SOURCE_METADATA, apr_metadata
+from .destination import check_destination
 
 TARGET_DTYPES = ("f32", "f16", "bf16")
 _CAST_CHUNK_VALUES = 4 * 1024 * 1024
@@ -84,7 +85,7 @@ def convert_hf_to_apr(
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype is not None and dtype not in TARGET_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(TARGET_DTYPES)}")
-    _check_destination(src, dst, force)
+    check_destination(src, dst, force)
     with open_hf_source(src) as source:
         config, config_text = _config(source, config_path)
         family = family_of(config.get("model_type")) if config else None
@@ -117,19 +118,6 @@ def convert_hf_to_apr(
         lm_head_copy=any(p.name != p.source.name for p in plan), extra_tensors=extra,
         carried_files=sorted(source.extra_files), warnings=_warnings(source, config, family),
     )
-
-
-def _check_destination(src: str, dst: str, force: bool) -> None:
-    if os.path.isdir(dst):
-        raise OutputExists(dst, "is a folder; give a file name such as model.apr")
-    if os.path.exists(dst):
-        if os.path.exists(src) and os.path.samefile(src, dst):
-            raise InvalidArgument(dst, "output would overwrite the input")
-        if not force:
-            raise OutputExists(dst, "already exists (use --force to overwrite)")
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(2, "No such file or directory", parent)
 
 
 def _config(source: HfSource, config_path: str | os.PathLike | None) -> tuple[dict[str, Any] | None, str | None]:

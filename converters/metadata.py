@@ -9,9 +9,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from apr_format.constants import Flag
-from apr_format.errors import CorruptSource
 
 from .families import HF_KEYS, family_of, is_tied, map_config
+from .hf_source import json_object
 
 # Custom metadata keys this package writes (spec: "Any other key is a custom key").
 HF_CONFIG = "hf_config"  # the original config.json object
@@ -70,7 +70,7 @@ def apr_metadata(
             meta[HF_CONFIG_TEXT] = config_text
     flags = 0
     if extra_files:
-        parsed = {name: _json(text, os.path.join(source, name)) for name, text in extra_files.items()
+        parsed = {name: json_object(text, os.path.join(source, name)) for name, text in extra_files.items()
                   if name.endswith(".json")}
         meta[HF_FILES] = dict(sorted(extra_files.items()))
         meta.update(_chat_keys(extra_files, parsed))
@@ -189,13 +189,3 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     return None
-
-
-def _json(text: str, where: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise CorruptSource(where, f"not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise CorruptSource(where, f"is a JSON {type(value).__name__}, expected an object")
-    return value

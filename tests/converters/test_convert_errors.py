@@ -8,7 +8,6 @@ import shutil
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from apr_format.errors import (
