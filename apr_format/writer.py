@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compression
+from . import compression, tempfiles
 from .constants import (
     ALIGNMENT, DTYPE_BY_NAME, MAX_ELEMENTS, MAX_METADATA_SIZE, MAX_NAME_LENGTH, MAX_NDIM,
     METADATA_OFFSET, QUANTIZED_DTYPES, DType, Flag,
@@ -136,7 +135,9 @@ class AprWriter:
             tensor_index_offset=index_offset, data_offset=data_offset,
         )
         folder = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".apr-tmp", dir=folder)
+        tempfiles.remove_stale(self.path)  # leftovers of writers killed mid-write (their lock is gone)
+        fd, tmp = tempfiles.create_temp(self.path)
+        lock = os.dup(fd)  # keeps the temp file locked until it is in place
         try:
             with os.fdopen(fd, "w+b", buffering=1024 * 1024) as out:
                 os.fchmod(out.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; look like any new file
@@ -147,9 +148,16 @@ class AprWriter:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
+        except OSError as exc:
+            _remove(tmp)
+            if exc.filename in (None, tmp):  # a failed write (disk full...) names the destination
+                raise type(exc)(exc.errno, exc.strerror, self.path) from exc
+            raise
         except BaseException:
             _remove(tmp)
             raise
+        finally:
+            os.close(lock)
         _fsync_dir(folder)
 
     def _write_plain(self, out, header: Header, meta: bytes, entries: list[_Planned]) -> None:

@@ -1,0 +1,104 @@
+"""Temp files beside a destination: created under a lock, and the leftovers of dead writers removed.
+
+A writer holds an exclusive `flock` on its temp file until the file is renamed into place. The
+kernel drops the lock when the writer exits, however it exits (kill -9 included), so a temp file
+that nobody holds a lock on was left by a writer that died: `remove_stale` deletes those, and only
+those matching our exact name pattern `.{destination name}.{8 random chars}.apr-tmp`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: nothing is locked, so nothing is judged stale
+    fcntl = None
+
+SUFFIX = ".apr-tmp"
+_RANDOM_PART = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkstemp puts between prefix and suffix
+
+
+def temp_prefix(dest: str | os.PathLike) -> str:
+    """The name prefix of `dest`'s temp files: `.model.apr.` for `model.apr`."""
+    return f".{os.path.basename(os.fspath(dest))}."
+
+
+def is_temp_name(name: str, dest: str | os.PathLike) -> bool:
+    """Whether `name` (a file name, no folder) has the exact form of a temp file of `dest`."""
+    prefix = temp_prefix(dest)
+    if not (name.startswith(prefix) and name.endswith(SUFFIX)):
+        return False
+    return bool(_RANDOM_PART.fullmatch(name[len(prefix) : -len(SUFFIX)]))
+
+
+def create_temp(dest: str | os.PathLike) -> tuple[int, str]:
+    """A new, locked temp file in `dest`'s folder: (fd open for writing, path).
+
+    The lock lasts while the fd, or a `dup` of it, stays open.
+
+    Raises:
+        OSError: the folder is missing or not writable; `filename` is `dest`.
+    """
+    dest = os.fspath(dest)
+    folder = os.path.dirname(os.path.abspath(dest))
+    while True:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=SUFFIX, dir=folder)
+        except OSError as exc:
+            raise type(exc)(exc.errno, exc.strerror, dest) from None
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # a cleaner may have taken the unlocked name between mkstemp and flock
+            if os.path.samestat(os.fstat(fd), os.stat(tmp, follow_symlinks=False)):
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def remove_stale(dest: str | os.PathLike) -> list[str]:
+    """Delete `dest`'s temp files that no living writer holds; returns their paths.
+
+    Only regular files of ours (same owner) with the exact temp-name pattern are considered;
+    anything unreadable or locked is left alone.
+    """
+    if fcntl is None:
+        return []
+    folder = os.path.dirname(os.path.abspath(os.fspath(dest)))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if is_temp_name(name, dest):
+            path = os.path.join(folder, name)
+            if _remove_if_unlocked(path):
+                removed.append(path)
+    return removed
+
+
+def _remove_if_unlocked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live writer
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
