@@ -10,6 +10,10 @@ ZSTD_LEVEL = 3
 # The densest zstd block (RLE: 3-byte header + 1 byte) inflates to at most 128 KiB, so no
 # frame can grow more than this; a larger claim comes from a corrupt or hostile index.
 _MAX_RATIO = 128 * 1024 // 4
+# Weights compress a few times at most; a frame claiming more is constant data or a lie, and is
+# first inflated into a small reusable buffer to prove it (the claim is only allocated after that).
+_PROBE_RATIO = 64
+_PROBE_CHUNK = 256 * 1024
 
 
 def _zstd(path: str | os.PathLike | None):
@@ -41,9 +45,26 @@ def decompress(frame: memoryview | bytes, expected: int, path: str | os.PathLike
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
             raise CorruptIndex(path, f"tensor {name!r}: zstd frame declares {declared} bytes, expected {expected}")
+        if expected > _PROBE_RATIO * len(frame):
+            _check_inflated_size(zstandard, frame, expected, path, name)
         out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected)
     except zstandard.ZstdError as exc:
         raise CorruptIndex(path, f"tensor {name!r}: zstd frame is corrupt ({exc})") from exc
     if len(out) != expected:
         raise CorruptIndex(path, f"tensor {name!r}: zstd frame inflates to {len(out)} bytes, expected {expected}")
     return out
+
+
+def _check_inflated_size(zstandard, frame: memoryview | bytes, expected: int, path, name: str) -> None:
+    """Inflate `frame` chunk by chunk, keeping nothing, and check it holds `expected` bytes."""
+    total = 0
+    with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+        while total <= expected:
+            chunk = reader.read(_PROBE_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+    if total > expected:
+        raise CorruptIndex(path, f"tensor {name!r}: zstd frame inflates to more than the expected {expected} bytes")
+    if total < expected:
+        raise CorruptIndex(path, f"tensor {name!r}: zstd frame inflates to {total} bytes, expected {expected}")

@@ -8,7 +8,6 @@ import mmap
 import os
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -23,6 +22,7 @@ from .errors import (
     AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
     UnsupportedFeature,
 )
+from .fileio import crc32
 from .header import Header, unpack_header
 
 _CRC_CHUNK = 16 * 1024 * 1024
@@ -281,7 +281,7 @@ class AprFile:
         (stored,) = struct.unpack_from("<I", view, body)
         crc = 0
         for start in range(0, body, _CRC_CHUNK):
-            crc = zlib.crc32(view[start : min(start + _CRC_CHUNK, body)], crc)
+            crc = crc32(view[start : min(start + _CRC_CHUNK, body)], crc)
         if crc != stored:
             raise FooterChecksum(self.path, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
 

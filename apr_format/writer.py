@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +17,8 @@ from .constants import (
     ALIGNMENT, DTYPE_BY_NAME, MAX_ELEMENTS, MAX_METADATA_SIZE, MAX_NAME_LENGTH, MAX_NDIM,
     METADATA_OFFSET, QUANTIZED_DTYPES, DType, Flag,
 )
-from .errors import InvalidArgument, UnknownDType
+from .errors import InvalidArgument, Truncated, UnknownDType
+from .fileio import CHUNK, FileRange, Writeback, copy_range, crc32
 from .header import Header
 
 _NUMPY_TO_APR = {
@@ -29,8 +30,10 @@ _TORCH_TO_APR = {
     "torch.int32": "i32", "torch.int64": "i64", "torch.int8": "i8", "torch.uint8": "u8",
 }
 _CRC_CHUNK = 16 * 1024 * 1024
+# Write failures that are about the destination, whatever call raised them (disk full, quota, read-only).
+_DESTINATION_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS))
 
-TensorSource = Any  # np.ndarray | torch.Tensor | bytes-like | Callable[[], one of those]
+TensorSource = Any  # np.ndarray | torch.Tensor | bytes-like | FileRange | Callable[[], one of those]
 
 
 @dataclass
@@ -80,19 +83,23 @@ class AprWriter:
         dtype: str | None = None,
         shape: tuple[int, ...] | list[int] | None = None,
     ) -> None:
-        """Plan one tensor. `dtype` and `shape` are required for callables and raw bytes."""
+        """Plan one tensor. `dtype` and `shape` are required for callables, raw bytes and FileRanges.
+
+        A `FileRange` (or a callable returning one) is copied file to file by the kernel while the
+        CRC is computed: the fastest source when the stored bytes need no change.
+        """
         encoded = name.encode("utf-8") if isinstance(name, str) else b""
         if not 1 <= len(encoded) <= MAX_NAME_LENGTH:
             raise InvalidArgument(self.path, f"tensor name {name!r} must be 1..{MAX_NAME_LENGTH} UTF-8 bytes")
         if name in self._planned:
             raise InvalidArgument(self.path, f"tensor {name!r} added twice")
-        if callable(data):
+        if callable(data) or isinstance(data, FileRange):
             if dtype is None or shape is None:
                 raise InvalidArgument(self.path, f"tensor {name!r}: a lazy source needs dtype and shape")
             apr_dtype, dims = _dtype(dtype, self.path), _shape(shape, self.path, name)
         else:
             data, apr_dtype, dims = _as_buffer(data, dtype, shape, self.path, name)
-        nbytes = apr_dtype.nbytes_for(_numel(dims)) if callable(data) else len(data)
+        nbytes = apr_dtype.nbytes_for(_numel(dims)) if callable(data) else _length(data)
         if not callable(data) and not apr_dtype.packed and nbytes != apr_dtype.nbytes_for(_numel(dims)):
             raise InvalidArgument(self.path, f"tensor {name!r}: {nbytes} bytes do not hold {apr_dtype.name} {list(dims)}")
         self._planned[name] = _Planned(name, apr_dtype, dims, nbytes, data)
@@ -150,8 +157,8 @@ class AprWriter:
             os.replace(tmp, self.path)
         except OSError as exc:
             _remove(tmp)
-            if exc.filename in (None, tmp):  # a failed write (disk full...) names the destination
-                raise type(exc)(exc.errno, exc.strerror, self.path) from exc
+            if exc.filename == tmp or (exc.filename is None and exc.errno in _DESTINATION_ERRNOS):
+                raise type(exc)(exc.errno, exc.strerror, self.path) from exc  # name what the user asked for
             raise
         except BaseException:
             _remove(tmp)
@@ -179,7 +186,7 @@ class AprWriter:
         out.write(bytes(pad64(index_size)))
         offsets, sizes, cursor = [], [], 0
         for e in entries:
-            frame = compression.compress(self._materialize(e))
+            frame = compression.compress(_read(self._materialize(e)))
             out.write(frame + bytes(pad64(len(frame)) - len(frame)))
             offsets.append(cursor)
             sizes.append(len(frame))
@@ -191,15 +198,22 @@ class AprWriter:
         crc, remaining = 0, header.data_offset + cursor
         while remaining:
             chunk = out.read(min(_CRC_CHUNK, remaining))
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             remaining -= len(chunk)
         out.seek(0, os.SEEK_END)
         out.write(struct.pack("<I", crc))
 
-    def _materialize(self, e: _Planned) -> memoryview:
+    def _materialize(self, e: _Planned) -> memoryview | FileRange:
         data = e.source
         if callable(data):
-            data, dtype, shape = _as_buffer(data(), e.dtype.name, e.shape, self.path, e.name)
+            data = data()
+        if isinstance(data, FileRange):
+            if data.nbytes != e.nbytes:
+                raise InvalidArgument(
+                    self.path, f"tensor {e.name!r}: source range holds {data.nbytes} bytes, planned {e.nbytes}"
+                )
+        elif callable(e.source):
+            data, dtype, shape = _as_buffer(data, e.dtype.name, e.shape, self.path, e.name)
             if dtype != e.dtype or shape != e.shape or len(data) != e.nbytes:
                 raise InvalidArgument(
                     self.path,
@@ -220,21 +234,49 @@ class AprWriter:
 
 
 class _CrcWriter:
-    """Writes through to a file while keeping a running CRC-32 (spec: footer)."""
+    """Writes through to a file while keeping a running CRC-32 (spec: footer) and starting writeback early."""
 
     def __init__(self, out) -> None:
         self.out = out
         self.crc = 0
+        self.pos = 0
+        self.writeback = Writeback(out.fileno())
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.out.write(data)
-        self.crc = zlib.crc32(data, self.crc)
+    def write(self, data: bytes | memoryview | FileRange) -> None:
+        if isinstance(data, FileRange):
+            self.out.flush()
+            self.crc = copy_range(data, self.out.fileno(), self.crc, self.writeback)
+            self.out.seek(0, os.SEEK_END)  # the copy moved the file position behind the buffer's back
+            self.pos += data.nbytes
+            return
+        for start in range(0, len(data), CHUNK):
+            chunk = data[start : start + CHUNK]
+            self.out.write(chunk)
+            self.crc = crc32(chunk, self.crc)
+            self.pos += len(chunk)
+            self.writeback.written(self.pos)
 
-    def write_padded(self, data: bytes | memoryview) -> None:
+    def write_padded(self, data: bytes | memoryview | FileRange) -> None:
         self.write(data)
-        padding = pad64(len(data)) - len(data)
+        padding = pad64(_length(data)) - _length(data)
         if padding:
             self.write(bytes(padding))
+
+
+def _length(data: memoryview | FileRange) -> int:
+    return data.nbytes if isinstance(data, FileRange) else len(data)
+
+
+def _read(data: memoryview | FileRange) -> memoryview | bytes:
+    """The bytes themselves (zstd needs them in memory)."""
+    if not isinstance(data, FileRange):
+        return data
+    with open(data.path, "rb") as fh:
+        fh.seek(data.offset)
+        raw = fh.read(data.nbytes)
+    if len(raw) != data.nbytes:
+        raise Truncated(data.path, f"bytes {data.offset}..{data.offset + data.nbytes} lie beyond the end of the file")
+    return raw
 
 
 def _index_bytes(entries: list[_Planned], offsets: list[int], sizes: list[int]) -> bytes:

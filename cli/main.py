@@ -38,7 +38,9 @@ class AprCliError(click.ClickException):
     exit_code = EXIT_ERROR
 
     def show(self, file=None) -> None:
-        click.echo(f"apr: error: {self.format_message()}", err=True)
+        from .render import escape  # messages quote names from files: never let them drive the terminal
+
+        click.echo(f"apr: error: {escape(self.format_message())}", err=True)
 
 
 class AprGroup(click.Group):
@@ -62,6 +64,12 @@ class AprGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl([(name, help_text) for name, (_, help_text) in sorted(COMMANDS.items())])
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise AprCliError(_describe_usage_error(exc, ctx)) from exc
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -71,6 +79,8 @@ class AprGroup(click.Group):
             raise
         except OSError as exc:
             raise AprCliError(_describe_os_error(exc)) from exc
+        except click.UsageError as exc:  # bad flags are bad input too: one line, exit 2
+            raise AprCliError(_describe_usage_error(exc, ctx)) from exc
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
@@ -79,8 +89,10 @@ class AprGroup(click.Group):
         except Exception as exc:  # a bug: one line, traceback only on request
             if os.environ.get("APR_DEBUG"):
                 raise
+            from .render import escape
+
             click.echo(
-                f"apr: internal error: {type(exc).__name__}: {exc} "
+                f"apr: internal error: {type(exc).__name__}: {escape(exc)} "
                 "(set APR_DEBUG=1 to see the traceback)",
                 err=True,
             )
@@ -101,8 +113,19 @@ def _alias(command: click.Command, name: str) -> click.Command:
 
 
 def _describe_os_error(exc: OSError) -> str:
-    where = exc.filename if exc.filename is not None else "apr"
-    return f"{where}: {exc.strerror or exc}"
+    problem, where = exc.strerror or str(exc), exc.filename
+    if where is None:  # e.g. stdout on a full disk: nothing better to name than the problem
+        return problem
+    return f"{os.fsdecode(where) if isinstance(where, (str, bytes, os.PathLike)) else where}: {problem}"
+
+
+def _describe_usage_error(exc: click.UsageError, ctx: click.Context) -> str:
+    """`apr convert: Missing option '-o'. (see 'apr convert -h')`: the command, the problem, where help is."""
+    if exc.ctx is not None and exc.ctx is not ctx:
+        where = exc.ctx.command_path
+    else:  # raised while the subcommand's own context was being made
+        where = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+    return f"{where}: {exc.format_message()} (see '{where} -h')"
 
 
 @click.group(cls=AprGroup, context_settings={"help_option_names": ["-h", "--help"]})

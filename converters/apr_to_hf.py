@@ -15,12 +15,13 @@ from typing import Any, BinaryIO
 from apr_format import AprFile, open_apr
 from apr_format.constants import QUANTIZED_DTYPES
 from apr_format.errors import InvalidArgument, OutputExists, UnsupportedFeature
+from apr_format.fileio import FileRange
 
 from .families import FAMILIES, family_of, is_tied
 from .hf_source import INDEX_FILE, SINGLE_FILE
 from .mapped import AprStream, equal_chunks
 from .metadata import HF_FILES, HF_INDEX, SOURCE_METADATA, hf_config_text
-from .safetensors_io import OutTensor, file_size, layout, write_safetensors
+from .safetensors_io import OutTensor, apr_nbytes, file_size, layout, write_safetensors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -190,11 +191,11 @@ def _head_copy(apr: AprFile, stream: AprStream) -> str | None:
     return head
 
 
-def _producer(stream: AprStream, name: str, progress: Progress | None, total: int) -> Callable[[], memoryview]:
-    def produce() -> memoryview:
-        data = stream.stream(name)
+def _producer(stream: AprStream, name: str, progress: Progress | None, total: int) -> Callable[[], Any]:
+    def produce() -> memoryview | FileRange:
+        data = stream.file_range(name) or stream.stream(name)  # a kernel-side copy unless zstd-compressed
         if progress is not None:
-            progress(name, len(data), total)
+            progress(name, apr_nbytes(data), total)
         return data
 
     return produce

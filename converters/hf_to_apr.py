@@ -10,6 +10,7 @@ from typing import Any
 from apr_format import AprWriter
 from apr_format.constants import DTYPE_BY_NAME
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch
+from apr_format.fileio import FileRange
 
 from .dtype_cast import FLOAT_DTYPES, ITEMSIZE, cast_chunks
 from .families import Family, expected_tensors, family_of, is_tied, map_config
@@ -164,8 +165,8 @@ def _plan(
 
 def _producer(source: HfSource, p: _Planned, progress: Progress | None, total: int) -> Callable[[], Any]:
     def produce():
-        if p.dtype == p.source.dtype:
-            data = source.stream(p.source.name)
+        if p.dtype == p.source.dtype:  # the stored bytes as they are: copied file to file by the kernel
+            data = FileRange(p.source.file, p.source.start, p.source.nbytes)
         else:
             step = _CAST_CHUNK_VALUES * ITEMSIZE[p.source.dtype]
             data = cast_chunks(source.chunks(p.source.name, step), p.source.dtype, p.dtype, p.source.numel)

@@ -6,7 +6,10 @@ import mmap
 import os
 from collections.abc import Iterator
 
+import numpy as np
+
 from apr_format import AprFile, Flag
+from apr_format.fileio import FileRange
 
 CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -93,6 +96,10 @@ class AprStream:
             return self.apr.raw(name)
         return self._mapped.stream(*self._range(name))
 
+    def file_range(self, name: str) -> FileRange | None:
+        """Where the tensor's bytes lie in the file, for a kernel-side copy (None when zstd-compressed)."""
+        return None if self._compressed else FileRange(*self._range(name))
+
     def chunks(self, name: str, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
         """The tensor's decoded bytes in chunks of `step`, pages released as it goes."""
         if self._compressed:
@@ -114,6 +121,15 @@ class AprStream:
 def equal_chunks(a: Iterator[memoryview], b: Iterator[memoryview]) -> bool:
     """Whether two chunk streams cut at the same sizes hold the same bytes (stops at the first difference)."""
     for chunk_a, chunk_b in zip(a, b, strict=True):
-        if chunk_a != chunk_b:
+        if not _same_bytes(chunk_a, chunk_b):
             return False
     return True
+
+
+def _same_bytes(a: memoryview, b: memoryview) -> bool:
+    """Byte equality through numpy, in 8-byte words where possible (memoryview `==` goes element by
+    element: 10x slower)."""
+    if len(a) != len(b):
+        return False
+    word = np.uint64 if len(a) % 8 == 0 else np.uint8
+    return np.array_equal(np.frombuffer(a, dtype=word), np.frombuffer(b, dtype=word))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import BinaryIO
 
 from apr_format.constants import DTYPE_BY_NAME
 from apr_format.errors import CorruptSource, Truncated, UnknownDType
+from apr_format.fileio import FileRange, Writeback, copy_range
 
 # safetensors dtype string -> APR dtype name (the dtypes both formats share).
 ST_TO_APR = {
@@ -121,7 +123,7 @@ class OutTensor:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    produce: Callable[[], memoryview | bytes]
+    produce: Callable[[], memoryview | bytes | FileRange]
 
 
 def layout(tensors: Iterable[OutTensor]) -> list[OutTensor]:
@@ -148,6 +150,24 @@ def file_size(tensors: list[OutTensor], metadata: dict[str, str] | None) -> int:
     return len(header_bytes(tensors, metadata)) + sum(t.nbytes for t in tensors)
 
 
+def apr_nbytes(data: memoryview | bytes | FileRange) -> int:
+    """Byte count of a producer's result."""
+    return data.nbytes if isinstance(data, FileRange) else len(data)
+
+
+def _fileno(out: BinaryIO) -> int | None:
+    try:
+        return out.fileno()
+    except (AttributeError, OSError):  # io.BytesIO and friends (io.UnsupportedOperation is an OSError)
+        return None
+
+
+def _read_range(data: FileRange) -> bytes:
+    with open(data.path, "rb") as fh:
+        fh.seek(data.offset)
+        return fh.read(data.nbytes)
+
+
 def write_safetensors(
     out: BinaryIO, tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None,
     on_tensor: Callable[[OutTensor], None] | None = None,
@@ -161,13 +181,26 @@ def write_safetensors(
     head = header_bytes(ordered, metadata)
     out.write(head)
     written = len(head)
+    fd = _fileno(out)
+    writeback = Writeback(fd) if fd is not None else None
     for t in ordered:
-        data = memoryview(t.produce()).cast("B")
-        if len(data) != t.nbytes:
+        data = t.produce()
+        if not isinstance(data, FileRange):
+            data = memoryview(data).cast("B")
+        if apr_nbytes(data) != t.nbytes:
             raise CorruptSource(
-                getattr(out, "name", "<stream>"), f"tensor {t.name!r}: produced {len(data)} bytes, planned {t.nbytes}"
+                getattr(out, "name", "<stream>"),
+                f"tensor {t.name!r}: produced {apr_nbytes(data)} bytes, planned {t.nbytes}",
             )
-        out.write(data)
+        if isinstance(data, FileRange) and fd is not None:
+            out.flush()
+            copy_range(data, fd, writeback=writeback)  # a kernel copy (plain writes into a pipe)
+            if out.seekable():
+                out.seek(0, os.SEEK_END)  # the copy moved the file position behind the buffer's back
+        else:
+            out.write(_read_range(data) if isinstance(data, FileRange) else data)
+            if writeback is not None:
+                writeback.written()
         written += t.nbytes
         if on_tensor is not None:
             on_tensor(t)

@@ -18,6 +18,9 @@ IGNORE_INDEX = -100
 # about 2**28 logits (1 GiB in fp32) per chunk, so a 151,936-wide vocabulary never holds
 # [B*T, vocab] fp32 logits (nor their gradient) in memory.
 LOSS_CHUNK_LOGITS = 2**28
+# Up to this many logits (64 MiB in fp32) the loss is one plain cross-entropy: recomputing the head
+# in backward would cost more time than the memory it saves (tiny models, short batches).
+SMALL_LOSS_LOGITS = 2**24
 INIT_STD = 0.02  # HF's initializer_range for Llama and Qwen2
 _GQA_IN_SDPA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -209,6 +212,8 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     Each chunk runs under activation checkpointing: only `h` is kept, the chunk's logits are
     recomputed in backward (one extra head matmul) instead of being stored.
     """
+    if h.shape[0] * weight.shape[0] <= min(SMALL_LOSS_LOGITS, LOSS_CHUNK_LOGITS):
+        return _chunk_loss_sum(h, weight, targets) / (targets != IGNORE_INDEX).sum()
     rows = max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], rows):
