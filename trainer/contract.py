@@ -84,6 +84,8 @@ def load_contract(path: str | os.PathLike) -> tuple[Contract | None, list[str]]:
         raise UnsupportedFeature(path, "reading contracts needs PyYAML (pip install PyYAML)") from None
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CorruptSource(path, "not a text file (not UTF-8), expected a YAML contract") from None
     except yaml.YAMLError as exc:
         raise CorruptSource(path, f"not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
@@ -143,7 +145,7 @@ def missing_tests(falsifiers, root: str | os.PathLike) -> list[str]:
 def _test_names(file: Path) -> set[str]:
     try:
         tree = ast.parse(file.read_text(encoding="utf-8"), filename=str(file))
-    except SyntaxError:
+    except (SyntaxError, UnicodeDecodeError, ValueError):
         return set()
     functions = (ast.FunctionDef, ast.AsyncFunctionDef)
     names = set()
