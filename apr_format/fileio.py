@@ -113,7 +113,8 @@ def copy_range(src: FileRange, out_fd: int, crc: int | None = None, writeback: W
         if crc is None and writeback is None and _kernel_copy(fh.fileno(), out_fd, src.offset, src.nbytes, src.path):
             return None  # nothing to read or report per chunk: one call
         base = src.offset - src.offset % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(fh.fileno(), src.offset + src.nbytes - base, offset=base, access=mmap.ACCESS_READ) as mapping:
+        mapping = mmap.mmap(fh.fileno(), src.offset + src.nbytes - base, offset=base, access=mmap.ACCESS_READ)
+        try:
             kernel = True  # until copy_file_range refuses this pair of files
             for pos in range(src.offset - base, src.offset - base + src.nbytes, CHUNK):
                 n = min(CHUNK, src.offset + src.nbytes - base - pos)
@@ -126,7 +127,18 @@ def copy_range(src: FileRange, out_fd: int, crc: int | None = None, writeback: W
                 _release(mapping, pos, n)
                 if writeback is not None:
                     writeback.written()
+        finally:
+            _close(mapping)
     return crc
+
+
+def _close(mapping: mmap.mmap) -> None:
+    """Unmap; when a failed write (a full disk) still holds a view in its traceback, leave the unmapping
+    to the garbage collector rather than turn the OSError into a BufferError."""
+    try:
+        mapping.close()
+    except BufferError:
+        pass
 
 
 def _kernel_copy(src_fd: int, out_fd: int, offset: int, nbytes: int, path: str) -> bool:

@@ -95,11 +95,17 @@ def export_apr_to_hf(
         shards = (_source_split(tensors, apr.metadata) if max_shard_size is None else None) \
             or _shard(tensors, limit, apr.metadata)
         parent = os.path.dirname(os.path.abspath(out_dir))
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".apr-tmp", dir=parent)
+        try:
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".apr-tmp", dir=parent)
+        except OSError as exc:  # a read-only or full folder: name the output, not our temp name
+            raise type(exc)(exc.errno, exc.strerror, out_dir) from exc
         try:
             os.chmod(tmp, 0o777 & ~_umask())
             report.files, report.config_written = _write_folder(tmp, apr, shards)
             _replace_folder(tmp, out_dir)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _naming(exc, tmp, out_dir) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -292,16 +298,28 @@ def _write_text(path: str, text: str) -> None:
 
 def _write_file_atomic(dst: str, tensors: list[OutTensor], meta: dict[str, str]) -> None:
     folder = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".apr-tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".apr-tmp", dir=folder)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, dst) from exc
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         _write_file(tmp, tensors, meta)
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, tmp, dst) from exc
         raise
+
+
+def _naming(exc: OSError, tmp: str, dest: str) -> OSError:
+    """`exc` naming `dest` when it named nothing or our temp file (a full disk, a read-only folder)."""
+    if exc.filename is None or os.fspath(exc.filename).startswith(tmp):
+        return type(exc)(exc.errno, exc.strerror, dest)
+    return exc
 
 
 def _umask() -> int:

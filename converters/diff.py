@@ -118,7 +118,7 @@ class _Side:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return dict(self.apr.metadata) if self.apr else dict(self.hf.config or {})
+        return dict(self.apr.metadata) if self.apr is not None else dict(self.hf.config or {})
 
     def family(self) -> Family:
         meta = self.metadata
@@ -131,7 +131,7 @@ class _Side:
     def arch(self) -> dict[str, Any]:
         """The architecture keys, HF configs mapped to APR names, defaults filled in."""
         meta = self.metadata
-        if self.apr:
+        if self.apr is not None:
             out = {k: meta.get(k) for k in ARCH_KEYS}
         else:
             out = {k: None for k in ARCH_KEYS}
@@ -148,10 +148,10 @@ class _Side:
         return out
 
     def nbytes(self, name: str) -> int:
-        return self.apr.info(name).nbytes if self.apr else self.hf.tensors[name].nbytes
+        return self.apr.info(name).nbytes if self.apr is not None else self.hf.tensors[name].nbytes
 
     def chunks(self, name: str, step: int):
-        return (self.stream if self.apr else self.hf).chunks(name, step)
+        return (self.stream if self.apr is not None else self.hf).chunks(name, step)
 
     def float_chunks(self, name: str):
         """Float64 chunks of the tensor's values (q4 / q8 dequantized whole)."""
@@ -163,9 +163,9 @@ class _Side:
             yield to_float(chunk, dtype, "<f8")
 
     def close(self) -> None:
-        if self.apr:
+        if self.apr is not None:
             self.stream.close()
-        (self.apr or self.hf).close()
+        (self.apr if self.apr is not None else self.hf).close()
 
 
 def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, progress: Progress | None = None) -> DiffResult:

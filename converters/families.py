@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from apr_format.errors import MissingConfigKey, UnsupportedArchitecture
+from apr_format.errors import CorruptMetadata, MissingConfigKey, UnsupportedArchitecture
 
 # HF config.json key -> APR metadata key (spec: "Metadata"). A dotted key is a nested lookup;
 # the first key found for an APR key wins (transformers 5 moved rope_theta into rope_parameters).
@@ -93,7 +93,7 @@ FAMILIES: dict[str, Family] = {
 
 def family_of(model_type: str | None) -> Family | None:
     """The family table for an HF `model_type`, or None for families we only convert generically."""
-    return FAMILIES.get(model_type) if model_type else None
+    return FAMILIES.get(model_type) if isinstance(model_type, str) else None
 
 
 def get_family(name: str, path: str | None = None) -> Family:
@@ -154,6 +154,10 @@ def dimensions(arch: Mapping[str, Any], path: str | None = None) -> dict[str, in
     missing = [k for k in _ARCH_KEYS if not isinstance(arch.get(k), int)]
     if missing:
         raise MissingConfigKey(path, f"architecture metadata lacks {', '.join(missing)}")
+    bad = [f"{k} {arch[k]!r}" for k in (*_ARCH_KEYS, "num_kv_heads", "head_dim")
+           if arch.get(k) is not None and (isinstance(arch[k], bool) or not isinstance(arch[k], int) or arch[k] <= 0)]
+    if bad:
+        raise CorruptMetadata(path, f"architecture sizes must be positive integers: {', '.join(bad)}")
     num_heads = arch["num_heads"]
     num_kv_heads = arch.get("num_kv_heads") or num_heads
     head_dim = arch.get("head_dim") or arch["hidden_size"] // num_heads

@@ -210,7 +210,7 @@ def json_object(text: str, where: str) -> dict[str, Any]:
     """Parse `text` as a JSON object. Raises CorruptSource naming `where`."""
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CorruptSource(where, f"not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise CorruptSource(where, f"is a JSON {type(value).__name__}, expected an object")

@@ -131,6 +131,10 @@ def _config(source: HfSource, config_path: str | os.PathLike | None) -> tuple[di
 def _validate(source: HfSource, config: Mapping[str, Any], family: Family) -> list[str]:
     """Check every tensor the family needs; return the unexpected extra tensors (kept)."""
     arch = {**family.defaults, **map_config(config), "hf_config": dict(config)}
+    layers = arch.get("num_layers")
+    if isinstance(layers, int) and layers > len(source.tensors):  # before listing billions of names
+        raise MissingTensor(source.path, f"the config's {layers} layers need more tensors than the "
+                            f"{len(source.tensors)} the checkpoint holds")
     expected = expected_tensors(family.name, arch, path=source.path)
     missing = [name for name in expected if name not in source.tensors]
     if missing:

@@ -64,14 +64,26 @@ def save_weights(
 
 def save_state(apr_path: str | os.PathLike, scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Write the training-state sidecars of the checkpoint at `apr_path` (tensors first, JSON last)."""
-    from safetensors.torch import save_file
-
     json_path, tensors_path = state_paths(apr_path)
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    atomic_write(tensors_path, lambda tmp: save_file(plain, tmp, metadata={"format": "pt"}))
+    atomic_write(tensors_path, lambda tmp: _save_safetensors(plain, tmp))
     body = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors_file": tensors_path.name, **scalars}
     text = json.dumps(body, indent=1, allow_nan=False)
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], tmp: str) -> None:
+    """safetensors' save_file, its I/O failures (raised as SafetensorError) turned into OSError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), tmp) from exc
 
 
 def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -204,12 +216,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     """Call `write(tmp_path)` on a new temp file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     tmp = os.fspath(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
-    open(tmp, "xb").close()  # created with the umask's permissions (mkstemp would force 0600)
     try:
+        open(tmp, "xb").close()  # created with the umask's permissions (mkstemp would force 0600)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename in (None, tmp):  # a full disk or read-only folder: name the file asked for
+            raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

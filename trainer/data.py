@@ -221,7 +221,10 @@ class _AtomicFile:
     def __enter__(self):
         folder, name = os.path.split(os.path.abspath(self.path))
         self.tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-        self.fh = open(self.tmp, "xb", buffering=1 << 20)  # umask permissions, unlike mkstemp's 0600
+        try:
+            self.fh = open(self.tmp, "xb", buffering=1 << 20)  # umask permissions, unlike mkstemp's 0600
+        except OSError as exc:
+            raise self._naming(exc) from exc
         return self.fh
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -232,9 +235,19 @@ class _AtomicFile:
             self.fh.close()
             if exc_type is None:
                 os.replace(self.tmp, self.path)
+        except OSError as err:
+            raise self._naming(err) from err
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
+        if isinstance(exc, OSError):
+            raise self._naming(exc) from exc
+
+    def _naming(self, exc: OSError) -> OSError:
+        """`exc` naming the destination when it named nothing or our temp file (a full disk)."""
+        if exc.filename in (None, self.tmp):
+            return type(exc)(exc.errno, exc.strerror, self.path)
+        return exc
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,11 @@ def load_tokenizer(
     """
     if tokenizer_file is not None:
         path = os.fspath(tokenizer_file)
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError:
+            raise CorruptSource(path, "is not UTF-8 text, so not a tokenizer.json") from None
         sibling = Path(path).with_name(TOKENIZER_CONFIG)
         config = sibling.read_text(encoding="utf-8") if sibling.is_file() else None
         return _from_json_text(text, path, {HF_FILES_KEY: {TOKENIZER_CONFIG: config}} if config else None)

@@ -555,7 +555,7 @@ class _Loop:
         metrics = self.run_dir / METRICS_FILE
         if self.start_step and metrics.exists():  # drop what the interrupted run logged past its checkpoint
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.start_step]
+                    if (record := _record_of(line)) is not None and record.get("step", 0) <= self.start_step]
             _write_text(metrics, "".join(line + "\n" for line in kept))
         _write_text(self.run_dir / RUN_FILE, json.dumps(_config_record(self.config), indent=1) + "\n")
         self.metrics = open(metrics, "a", encoding="utf-8")
@@ -626,6 +626,15 @@ def _progress(record: dict[str, Any], steps: int) -> str:
     if "val_loss" in record:
         line += f" | val_loss {record['val_loss']:.4f}"
     return line
+
+
+def _record_of(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl record; None for a blank line or one cut short by a crash or a full disk."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _write_text(path: Path, text: str) -> None:
