@@ -35,7 +35,7 @@ bench: install
 	$(PY) benchmarks/run_all.py
 
 fuzz: install
-	APR_FUZZ_CASES=100000 $(PY) -m pytest -q tests/format/test_fuzz.py
+	APR_FUZZ_CASES=100000 $(PY) -m pytest -q -n auto tests/format/test_fuzz.py tests/reliability/test_fuzz_pipeline.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out
