@@ -1,8 +1,8 @@
-"""Temp files beside a destination: created under a lock, and the leftovers of dead writers removed.
+"""Temp files and folders beside a destination: created under a lock, and the leftovers of dead writers removed.
 
-A writer holds an exclusive `flock` on its temp file until the file is renamed into place. The
-kernel drops the lock when the writer exits, however it exits (kill -9 included), so a temp file
-that nobody holds a lock on was left by a writer that died: `remove_stale` deletes those, and only
+A writer holds an exclusive `flock` on its temp file (or folder) until it is renamed into place. The
+kernel drops the lock when the writer exits, however it exits (kill -9 included), so a temp that
+nobody holds a lock on was left by a writer that died: `remove_stale` deletes those, and only
 those matching our exact name pattern `.{destination name}.{8 random chars}.apr-tmp`.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import tempfile
 
@@ -43,17 +44,38 @@ def create_temp(dest: str | os.PathLike) -> tuple[int, str]:
     Raises:
         OSError: the folder is missing or not writable; `filename` is `dest`.
     """
-    dest = os.fspath(dest)
+    return _create_locked(os.fspath(dest), _new_file)
+
+
+def create_temp_dir(dest: str | os.PathLike) -> tuple[int, str]:
+    """A new, locked temp folder in `dest`'s parent folder: (fd holding the lock, path). Like `create_temp`."""
+    return _create_locked(os.fspath(dest), _new_dir)
+
+
+def _new_file(dest: str) -> tuple[int, str]:
     folder = os.path.dirname(os.path.abspath(dest))
+    return tempfile.mkstemp(prefix=temp_prefix(dest), suffix=SUFFIX, dir=folder)
+
+
+def _new_dir(dest: str) -> tuple[int, str]:
+    path = tempfile.mkdtemp(prefix=temp_prefix(dest), suffix=SUFFIX, dir=os.path.dirname(os.path.abspath(dest)))
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY), path
+    except OSError:
+        os.rmdir(path)
+        raise
+
+
+def _create_locked(dest: str, make) -> tuple[int, str]:
     while True:
         try:
-            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=SUFFIX, dir=folder)
+            fd, tmp = make(dest)
         except OSError as exc:
             raise type(exc)(exc.errno, exc.strerror, dest) from None
         if fcntl is None:
             return fd, tmp
         fcntl.flock(fd, fcntl.LOCK_EX)
-        try:  # a cleaner may have taken the unlocked name between mkstemp and flock
+        try:  # a cleaner may have taken the unlocked name between its creation and flock
             if os.path.samestat(os.fstat(fd), os.stat(tmp, follow_symlinks=False)):
                 return fd, tmp
         except FileNotFoundError:
@@ -62,10 +84,10 @@ def create_temp(dest: str | os.PathLike) -> tuple[int, str]:
 
 
 def remove_stale(dest: str | os.PathLike) -> list[str]:
-    """Delete `dest`'s temp files that no living writer holds; returns their paths.
+    """Delete `dest`'s temp files and folders that no living writer holds; returns their paths.
 
-    Only regular files of ours (same owner) with the exact temp-name pattern are considered;
-    anything unreadable or locked is left alone.
+    Only regular files and folders of ours (same owner) with the exact temp-name pattern are
+    considered; anything unreadable or locked is left alone.
     """
     if fcntl is None:
         return []
@@ -90,13 +112,18 @@ def _remove_if_unlocked(path: str) -> bool:
         return False
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)) or info.st_uid != os.geteuid():
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # held by a live writer
             return False
-        os.unlink(path)
+        if not os.path.samestat(info, os.stat(path, follow_symlinks=False)):  # renamed meanwhile
+            return False
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
         return True
     except OSError:
         return False

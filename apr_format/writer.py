@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -12,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compression, tempfiles
+from . import atomic, compression
 from .constants import (
     ALIGNMENT, DTYPE_BY_NAME, MAX_ELEMENTS, MAX_METADATA_SIZE, MAX_NAME_LENGTH, MAX_NDIM,
     METADATA_OFFSET, QUANTIZED_DTYPES, DType, Flag,
@@ -30,8 +29,6 @@ _TORCH_TO_APR = {
     "torch.int32": "i32", "torch.int64": "i64", "torch.int8": "i8", "torch.uint8": "u8",
 }
 _CRC_CHUNK = 16 * 1024 * 1024
-# Write failures that are about the destination, whatever call raised them (disk full, quota, read-only).
-_DESTINATION_ERRNOS = frozenset((errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS))
 
 TensorSource = Any  # np.ndarray | torch.Tensor | bytes-like | FileRange | Callable[[], one of those]
 
@@ -141,31 +138,11 @@ class AprWriter:
             flags=int(flags), tensor_count=len(entries), metadata_size=len(meta),
             tensor_index_offset=index_offset, data_offset=data_offset,
         )
-        folder = os.path.dirname(os.path.abspath(self.path))
-        tempfiles.remove_stale(self.path)  # leftovers of writers killed mid-write (their lock is gone)
-        fd, tmp = tempfiles.create_temp(self.path)
-        lock = os.dup(fd)  # keeps the temp file locked until it is in place
-        try:
-            with os.fdopen(fd, "w+b", buffering=1024 * 1024) as out:
-                os.fchmod(out.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; look like any new file
-                if self.compression:
-                    self._write_compressed(out, header, meta, entries, index_size)
-                else:
-                    self._write_plain(out, header, meta, entries)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            _remove(tmp)
-            if exc.filename == tmp or (exc.filename is None and exc.errno in _DESTINATION_ERRNOS):
-                raise type(exc)(exc.errno, exc.strerror, self.path) from exc  # name what the user asked for
-            raise
-        except BaseException:
-            _remove(tmp)
-            raise
-        finally:
-            os.close(lock)
-        _fsync_dir(folder)
+        with atomic.replacing(self.path) as out:
+            if self.compression:
+                self._write_compressed(out, header, meta, entries, index_size)
+            else:
+                self._write_plain(out, header, meta, entries)
 
     def _write_plain(self, out, header: Header, meta: bytes, entries: list[_Planned]) -> None:
         offsets, cursor = [], 0
@@ -353,32 +330,6 @@ def _numel(dims: tuple[int, ...]) -> int:
     for d in dims:
         n *= d
     return n
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_apr(

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
 from apr_format import AprFile, open_apr
+from apr_format.atomic import replacing, replacing_folder
 from apr_format.constants import QUANTIZED_DTYPES
 from apr_format.errors import InvalidArgument, OutputExists, UnsupportedFeature
 from apr_format.fileio import FileRange
@@ -94,21 +93,8 @@ def export_apr_to_hf(
         tensors, report.dropped = _tensors(apr, stream, progress)
         shards = (_source_split(tensors, apr.metadata) if max_shard_size is None else None) \
             or _shard(tensors, limit, apr.metadata)
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        try:
-            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".apr-tmp", dir=parent)
-        except OSError as exc:  # a read-only or full folder: name the output, not our temp name
-            raise type(exc)(exc.errno, exc.strerror, out_dir) from exc
-        try:
-            os.chmod(tmp, 0o777 & ~_umask())
+        with replacing_folder(out_dir) as tmp:
             report.files, report.config_written = _write_folder(tmp, apr, shards)
-            _replace_folder(tmp, out_dir)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _naming(exc, tmp, out_dir) from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     report.tensor_count = len(tensors)
     report.total_size = sum(t.nbytes for t in tensors)
     return report
@@ -154,7 +140,8 @@ def export_apr_to_safetensors(
         if stream is not None:
             write_safetensors(stream, tensors, meta)
         else:
-            _write_file_atomic(dst_name, tensors, meta)
+            with replacing(dst_name) as out:
+                write_safetensors(out, tensors, meta)
             report.files = [dst_name]
     report.tensor_count = len(tensors)
     report.total_size = sum(t.nbytes for t in tensors)
@@ -296,38 +283,6 @@ def _write_text(path: str, text: str) -> None:
         out.write(text)
 
 
-def _write_file_atomic(dst: str, tensors: list[OutTensor], meta: dict[str, str]) -> None:
-    folder = os.path.dirname(os.path.abspath(dst))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".apr-tmp", dir=folder)
-    except OSError as exc:
-        raise type(exc)(exc.errno, exc.strerror, dst) from exc
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        _write_file(tmp, tensors, meta)
-        os.replace(tmp, dst)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _naming(exc, tmp, dst) from exc
-        raise
-
-
-def _naming(exc: OSError, tmp: str, dest: str) -> OSError:
-    """`exc` naming `dest` when it named nothing or our temp file (a full disk, a read-only folder)."""
-    if exc.filename is None or os.fspath(exc.filename).startswith(tmp):
-        return type(exc)(exc.errno, exc.strerror, dest)
-    return exc
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _check_file(dst: str, force: bool) -> None:
     if os.path.isdir(dst):
         raise OutputExists(dst, "is a folder; give a file name such as model.safetensors")
@@ -347,21 +302,3 @@ def _check_folder(out_dir: str, force: bool) -> None:
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise FileNotFoundError(2, "No such file or directory", parent)
-
-
-def _replace_folder(tmp: str, out_dir: str) -> None:
-    """Put the finished folder in place; an old one is moved aside first, then removed."""
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".apr-old",
-                               dir=os.path.dirname(os.path.abspath(out_dir)))
-        os.rmdir(old)
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

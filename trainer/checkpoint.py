@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from apr_format import AprWriter, Flag
+from apr_format.atomic import link_into_place, replacing
 from apr_format.errors import CorruptSource, InvalidArgument
 
+from .state_file import write_tensors
 from .tokenization import carried_tokenizer_text
 
 CHECKPOINT_DIR = "checkpoints"
@@ -65,25 +66,10 @@ def save_weights(
 def save_state(apr_path: str | os.PathLike, scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
     """Write the training-state sidecars of the checkpoint at `apr_path` (tensors first, JSON last)."""
     json_path, tensors_path = state_paths(apr_path)
-    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    atomic_write(tensors_path, lambda tmp: _save_safetensors(plain, tmp))
+    with replacing(tensors_path) as out:
+        write_tensors(out, tensors)
     body = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors_file": tensors_path.name, **scalars}
-    text = json.dumps(body, indent=1, allow_nan=False)
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _save_safetensors(tensors: Mapping[str, torch.Tensor], tmp: str) -> None:
-    """safetensors' save_file, its I/O failures (raised as SafetensorError) turned into OSError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    except SafetensorError as exc:
-        code = re.search(r"os error (\d+)", str(exc))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), tmp) from exc
+    write_text(json_path, json.dumps(body, indent=1, allow_nan=False))
 
 
 def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -200,35 +186,18 @@ def restore_rng(tensors: Mapping[str, torch.Tensor], device: torch.device) -> No
 def publish_final(checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
     """RUN_DIR/final.apr: the last checkpoint's weights (hard link, or a copy), replaced atomically."""
     final = Path(run_dir) / FINAL_NAME
-    atomic_write(final, lambda tmp: _link_or_copy(checkpoint, tmp))
+    try:
+        link_into_place(checkpoint, final)
+    except OSError:  # a file system without hard links
+        with replacing(final) as out, open(checkpoint, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
     return final
 
 
-def _link_or_copy(src: str | os.PathLike, dst: str) -> None:
-    os.unlink(dst)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call `write(tmp_path)` on a new temp file beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    tmp = os.fspath(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
-    try:
-        open(tmp, "xb").close()  # created with the umask's permissions (mkstemp would force 0600)
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename in (None, tmp):  # a full disk or read-only folder: name the file asked for
-            raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from exc
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) atomically."""
+    with replacing(path) as out:
+        out.write(text.encode("utf-8"))
 
 
 def flags_for(metadata: Mapping[str, Any]) -> int:

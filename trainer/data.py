@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from apr_format.atomic import replacing
 from apr_format.errors import CorruptSource, InvalidArgument
 
 from .tokenization import TEXT_SUFFIXES, TokenizerInfo, encode_documents, iter_documents, text_files
@@ -185,7 +185,7 @@ def write_token_file(
         raise InvalidArgument(path, f"vocabulary of {vocab_size} does not fit uint16 tokens; use uint32")
     np_dtype = _DTYPES[dtype]
     count, max_id = 0, -1
-    with _AtomicFile(path) as fh:
+    with replacing(path) as fh:
         for chunk in chunks:
             if len(chunk):
                 max_id = max(max_id, int(chunk.max()))
@@ -193,7 +193,7 @@ def write_token_file(
                 count += len(chunk)
     meta = {"format": SIDECAR_FORMAT, "dtype": dtype, "vocab_size": vocab_size, "num_tokens": count,
             "max_id": max_id, **(extra or {})}
-    with _AtomicFile(sidecar_path(path)) as fh:
+    with replacing(sidecar_path(path)) as fh:
         fh.write(json.dumps(meta, indent=1).encode("utf-8"))
     return meta
 
@@ -210,44 +210,6 @@ def tokenize_corpus(
     extra = {"source": os.fspath(source), "files": len(files), "tokenizer": tokenizer.source,
              "tokenizer_sha256": tokenizer.sha256, "eos_id": tokenizer.eos_id}
     return write_token_file(out, chunks, tokenizer.size, dtype, extra)
-
-
-class _AtomicFile:
-    """Binary file written to a temp beside `path`, fsynced and renamed over it on success."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = os.fspath(path)
-
-    def __enter__(self):
-        folder, name = os.path.split(os.path.abspath(self.path))
-        self.tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
-        try:
-            self.fh = open(self.tmp, "xb", buffering=1 << 20)  # umask permissions, unlike mkstemp's 0600
-        except OSError as exc:
-            raise self._naming(exc) from exc
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.fh.flush()
-                os.fsync(self.fh.fileno())
-            self.fh.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-        except OSError as err:
-            raise self._naming(err) from err
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
-        if isinstance(exc, OSError):
-            raise self._naming(exc) from exc
-
-    def _naming(self, exc: OSError) -> OSError:
-        """`exc` naming the destination when it named nothing or our temp file (a full disk)."""
-        if exc.filename in (None, self.tmp):
-            return type(exc)(exc.errno, exc.strerror, self.path)
-        return exc
 
 
 @dataclass(frozen=True)

@@ -556,8 +556,8 @@ class _Loop:
         if self.start_step and metrics.exists():  # drop what the interrupted run logged past its checkpoint
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                     if (record := _record_of(line)) is not None and record.get("step", 0) <= self.start_step]
-            _write_text(metrics, "".join(line + "\n" for line in kept))
-        _write_text(self.run_dir / RUN_FILE, json.dumps(_config_record(self.config), indent=1) + "\n")
+            checkpoint.write_text(metrics, "".join(line + "\n" for line in kept))
+        checkpoint.write_text(self.run_dir / RUN_FILE, json.dumps(_config_record(self.config), indent=1) + "\n")
         self.metrics = open(metrics, "a", encoding="utf-8")
 
     def _record(self, record: dict[str, Any]) -> None:
@@ -635,7 +635,3 @@ def _record_of(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
-
-
-def _write_text(path: Path, text: str) -> None:
-    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

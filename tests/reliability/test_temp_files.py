@@ -1,5 +1,6 @@
-"""The stale temp-file policy: a writer removes the temp files of dead writers of the same destination
-(unlocked files matching `.{name}.{8 chars}.apr-tmp`), and never a live writer's or anything else."""
+"""The stale temp-file policy: a writer removes the temp files and folders of dead writers of the same
+destination (unlocked ones matching `.{name}.{8 chars}.apr-tmp`), and never a live writer's or anything
+else; folders are swapped into place in one step where the kernel can."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from apr_format import open_apr, save_apr
-from apr_format.tempfiles import create_temp, is_temp_name, remove_stale
+from apr_format.atomic import exchange, replacing_folder
+from apr_format.tempfiles import create_temp, create_temp_dir, is_temp_name, remove_stale
 
 
 HOLD_LOCK = """
-import fcntl, sys
-fh = open(sys.argv[1], "rb")
-fcntl.flock(fh, fcntl.LOCK_EX)
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)  # a file or a folder
+fcntl.flock(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 sys.stdin.read()  # hold the lock until the test closes our stdin
 """
@@ -52,22 +54,26 @@ def test_a_write_removes_dead_writers_temps_and_nothing_else(tmp_path):
                                          ".model.apr.deadbeef.tmp", "model.apr.deadbeef.apr-tmp")]
     for path in kept:
         path.write_bytes(b"not ours to remove")
-    (tmp_path / ".model.apr.dirdirdi.apr-tmp").mkdir()
+    stale_dir = tmp_path / ".model.apr.dirdirdi.apr-tmp"  # a killed folder export
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"half a shard")
+    live_dir = tmp_path / ".model.apr.livedir_.apr-tmp"
+    live_dir.mkdir()
     (tmp_path / ".model.apr.linklink.apr-tmp").symlink_to(target)
-    holder = _hold(live)
+    holders = [_hold(live), _hold(live_dir)]
     try:
         save_apr(dest, {"w": np.arange(6, dtype=np.float32)})
-        assert live.exists()  # its writer is alive
+        assert live.exists() and live_dir.is_dir()  # their writers are alive
     finally:
-        holder.stdin.close()
-        holder.wait()
-    assert not any(path.exists() for path in stale)
+        for holder in holders:
+            holder.stdin.close()
+            holder.wait()
+    assert not any(path.exists() for path in [*stale, stale_dir])
     assert all(path.exists() for path in kept)
-    assert (tmp_path / ".model.apr.dirdirdi.apr-tmp").is_dir() and target.read_bytes() == b"keep me"
-    assert (tmp_path / ".model.apr.linklink.apr-tmp").is_symlink()
+    assert target.read_bytes() == b"keep me" and (tmp_path / ".model.apr.linklink.apr-tmp").is_symlink()
     with open_apr(dest) as f:
         assert f["w"].tolist() == [0, 1, 2, 3, 4, 5]
-    assert remove_stale(dest) == [str(live)]  # its writer has exited now
+    assert sorted(remove_stale(dest)) == sorted([str(live), str(live_dir)])  # their writers have exited now
 
 
 def test_temp_file_is_locked_until_it_is_in_place(tmp_path):
@@ -107,3 +113,43 @@ def test_concurrent_writers_of_one_destination_leave_each_other_alone(tmp_path):
         assert f.metadata == {"writer": "1"} and set(f["w"].tolist()) == {1.0}
         f.verify()
     assert [p.name for p in tmp_path.iterdir()] == ["shared.apr"]
+
+
+def test_temp_folder_is_locked_until_it_is_in_place(tmp_path):
+    dest = tmp_path / "hf"
+    fd, tmp = create_temp_dir(dest)
+    try:
+        assert is_temp_name(os.path.basename(tmp), dest) and os.path.isdir(tmp)
+        assert remove_stale(dest) == [] and os.path.isdir(tmp)
+    finally:
+        os.close(fd)
+    assert remove_stale(dest) == [tmp] and not os.path.exists(tmp)
+
+
+def test_folder_replacement_swaps_in_one_step_and_cleans_up(tmp_path):
+    dest = tmp_path / "hf"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with replacing_folder(dest) as tmp:
+        (Path(tmp) / "new.txt").write_text("new")
+        assert (dest / "old.txt").exists()  # untouched while the new folder is written
+    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+    try:
+        with replacing_folder(dest) as tmp:
+            (Path(tmp) / "half.txt").write_text("half")
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_exchange_swaps_two_names(tmp_path):
+    """renameat2(RENAME_EXCHANGE) on Linux file systems that have it (tmp folders do on CI's kernels)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("A")
+    b.mkdir()
+    if exchange(str(a), str(b)):
+        assert a.is_dir() and b.read_text() == "A"
+    else:  # a kernel or file system without it: nothing moved
+        assert a.read_text() == "A" and b.is_dir()
