@@ -10,6 +10,7 @@ derandomized, so every run draws the same cases; the byte-level passes are seede
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -291,7 +292,7 @@ apr_mutation = st.one_of(
 
 
 def mutate_apr(model: AprModel, op: tuple) -> None:
-    kind, *args = op
+    kind, *args = copy.deepcopy(op)  # hypothesis may hand the same object to two ops: never nest it in itself
     es = model.entries
     pick = (lambda i: es[i % len(es)]) if es else None
     if kind == "drop" and es:
@@ -511,6 +512,7 @@ def write_st_model(model: StModel, work: Path) -> Path:
     return folder
 
 
+SHARED_VALUE = {"rope_type": "yarn"}
 st_mutation = st.one_of(
     st.tuples(st.just("transpose"), index),
     st.tuples(st.just("dtype"), index, st.one_of(
@@ -542,7 +544,7 @@ st_mutation = st.one_of(
 
 
 def mutate_st(model: StModel, op: tuple) -> None:
-    kind, *args = op
+    kind, *args = copy.deepcopy(op)  # hypothesis may hand the same object to two ops: never nest it in itself
     names = [k for k in model.header if k != "__metadata__"]
     pick = (lambda i: names[i % len(names)]) if names else None
     if kind == "transpose" and names:
@@ -636,6 +638,7 @@ def test_structural_safetensors_mutations(tmp_path_factory):
     @example(ops=[("header text", "deep object")])
     @example(ops=[("config raw", "deep list")])
     @example(ops=[("transpose", 1)])
+    @example(ops=[("entry", 0, SHARED_VALUE), ("dtype", 0, SHARED_VALUE)])  # one object in two ops (found at 100k)
     def case(ops):
         model = base_st_model()
         for op in ops:
