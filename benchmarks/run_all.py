@@ -24,6 +24,7 @@ import bench_convert  # noqa: E402
 import bench_export  # noqa: E402
 import bench_inspect  # noqa: E402
 import bench_load  # noqa: E402
+import bench_state  # noqa: E402
 import bench_train  # noqa: E402
 import bench_validate  # noqa: E402
 import workload as workloads  # noqa: E402
@@ -36,6 +37,7 @@ BENCHES = {
     "load": (bench_load.run, 5, 3),
     "inspect": (bench_inspect.run, 7, 3),
     "validate": (bench_validate.run, 5, 3),
+    "state": (bench_state.run, 5, 3),
     "train": (lambda w, runs: bench_train.run(runs), 7, 3),
 }
 
