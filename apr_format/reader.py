@@ -41,10 +41,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
 
 class AprFile:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -96,8 +97,8 @@ class AprWriter:
             apr_dtype, dims = _dtype(dtype, self.path), _shape(shape, self.path, name)
         else:
             data, apr_dtype, dims = _as_buffer(data, dtype, shape, self.path, name)
-        nbytes = apr_dtype.nbytes_for(_numel(dims)) if callable(data) else _length(data)
-        if not callable(data) and not apr_dtype.packed and nbytes != apr_dtype.nbytes_for(_numel(dims)):
+        nbytes = apr_dtype.nbytes_for(math.prod(dims)) if callable(data) else _length(data)
+        if not callable(data) and not apr_dtype.packed and nbytes != apr_dtype.nbytes_for(math.prod(dims)):
             raise InvalidArgument(self.path, f"tensor {name!r}: {nbytes} bytes do not hold {apr_dtype.name} {list(dims)}")
         self._planned[name] = _Planned(name, apr_dtype, dims, nbytes, data)
 
@@ -320,16 +321,10 @@ def _shape(shape, path: str, name: str) -> tuple[int, ...]:
     dims = tuple(int(d) for d in shape)
     if len(dims) > MAX_NDIM or any(d < 0 for d in dims):
         raise InvalidArgument(path, f"tensor {name!r}: shape {list(dims)} needs ndim <= {MAX_NDIM} and dims >= 0")
-    if _numel(tuple(max(d, 1) for d in dims)) > MAX_ELEMENTS:
+    if math.prod(tuple(max(d, 1) for d in dims)) > MAX_ELEMENTS:
         raise InvalidArgument(path, f"tensor {name!r}: shape {list(dims)} is too large for any array")
     return dims
 
-
-def _numel(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 def save_apr(

@@ -5,8 +5,6 @@ Usage: .venv/bin/python benchmarks/bench_export.py [--runs 3] [--quick] [--json]
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import sys
@@ -17,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload as workloads  # noqa: E402
 from common import APR, PYTHON, measure, medians  # noqa: E402
-from table import Row, render, rss_row, time_row  # noqa: E402
+from table import Row, bench_main, rss_row, time_row  # noqa: E402
 
 GROUP = "apr export .apr -> HF"
 ROUND_TRIP = (
@@ -62,15 +60,5 @@ def run(w: workloads.Workload, runs: int) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="the small workload")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
-    rows = run(workloads.ensure(args.quick), args.runs)
-    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else render(rows))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, runs=3)

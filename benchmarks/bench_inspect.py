@@ -5,7 +5,6 @@ Usage: .venv/bin/python benchmarks/bench_inspect.py [--runs 7] [--quick] [--json
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload as workloads  # noqa: E402
 from common import APR, PYTHON, measure, medians  # noqa: E402
-from table import Row, render, time_row  # noqa: E402
+from table import Row, bench_main, time_row  # noqa: E402
 
 GROUP = "apr inspect (whole process)"
 LIMIT_S = 0.3
@@ -57,15 +56,5 @@ def run(w: workloads.Workload, runs: int) -> list[Row]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="the small workload")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
-    rows = run(workloads.ensure(args.quick), args.runs)
-    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else render(rows))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, runs=7)

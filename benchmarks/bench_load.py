@@ -9,7 +9,6 @@ RSS is the growth of the process's peak RSS during the timed part.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload as workloads  # noqa: E402
 from common import PYTHON, Summary, measure  # noqa: E402
-from table import Row, render, time_row  # noqa: E402
+from table import Row, bench_main, time_row  # noqa: E402
 
 GROUP = "load_init_tensors -> CPU torch"
 _CHILD = r"""
@@ -85,15 +84,5 @@ def run(w: workloads.Workload, runs: int) -> list[Row]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="the small workload")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
-    rows = run(workloads.ensure(args.quick), args.runs)
-    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else render(rows))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, runs=5)

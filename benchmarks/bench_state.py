@@ -13,7 +13,6 @@ RSS is the growth of peak RSS during one save in a fresh process of its own.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload as workloads  # noqa: E402
 from common import PYTHON, Summary, cache_dir  # noqa: E402
-from table import Row, render, time_row  # noqa: E402
+from table import Row, bench_main, time_row  # noqa: E402
 
 GROUP = "training state save (AdamW moments)"
 KINDS = {"apr": "apr save_state", "st": "safetensors save_file + fsync"}
@@ -86,15 +85,5 @@ def run(w: workloads.Workload, runs: int) -> list[Row]:
                      note=f"{timed['bytes'] / 1e9:.2f} GB of f32 state; RSS column: growth during one save")]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="the small workload")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
-    rows = run(workloads.ensure(args.quick), args.runs)
-    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else render(rows))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, runs=5)

@@ -5,8 +5,6 @@ Usage: .venv/bin/python benchmarks/bench_validate.py [--runs 5] [--quick] [--jso
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -16,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import workload as workloads  # noqa: E402
 from common import APR, measure, medians  # noqa: E402
-from table import Row, render, time_row  # noqa: E402
+from table import Row, bench_main, time_row  # noqa: E402
 
 GROUP = "apr validate (CRC + NaN scan)"
 
@@ -42,15 +40,5 @@ def run(w: workloads.Workload, runs: int) -> list[Row]:
     return [time_row(GROUP, validate, cp, "<= 3x cp", 3.0, note=f"{size / 1e6:,.0f} MB .apr; cp writes a copy")]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="the small workload")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    args = parser.parse_args()
-    rows = run(workloads.ensure(args.quick), args.runs)
-    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else render(rows))
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, runs=5)

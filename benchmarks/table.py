@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from common import Summary
 
@@ -90,3 +94,16 @@ def _fmt(value: float | None, unit: str) -> str:
     if unit == "MiB":
         return f"{value:.0f} MiB"
     return f"{value:,.0f} {unit}"
+
+
+def bench_main(doc: str, run: Callable[[Any, int], list[Row]], runs: int) -> None:
+    """The command line of a workload benchmark: --runs, --quick, --json; prints its rows."""
+    import workload as workloads
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--quick", action="store_true", help="the small workload")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args()
+    rows = run(workloads.ensure(args.quick), args.runs)
+    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else render(rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -107,12 +108,6 @@ def _closing(stream: AprStream) -> Iterator[AprStream]:
     finally:
         stream.close()
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
 
 
 def export_apr_to_safetensors(
@@ -248,7 +243,7 @@ def _write_folder(tmp: str, apr: AprFile, shards: dict[str, list[OutTensor]]) ->
     if len(shards) > 1:
         tensors = [t for shard in shards.values() for t in shard]
         index_meta = {
-            "total_parameters": sum(_numel(t.shape) for t in tensors),
+            "total_parameters": sum(math.prod(t.shape) for t in tensors),
             "total_size": sum(t.nbytes for t in tensors),
         }
         stored = meta.get(HF_INDEX)
