@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 
 try:
     import fcntl
@@ -66,7 +67,7 @@ def _new_dir(dest: str) -> tuple[int, str]:
         raise
 
 
-def _create_locked(dest: str, make) -> tuple[int, str]:
+def _create_locked(dest: str, make: Callable[[str], tuple[int, str]]) -> tuple[int, str]:
     while True:
         try:
             fd, tmp = make(dest)
