@@ -198,6 +198,7 @@ METADATA_PAYLOADS = {
     "unterminated": b'{"x":[1,2',
     "null": b"null",
     "empty object": b"{}",
+    "trailing": b'{"x":1} garbage',
 }
 
 
