@@ -1,4 +1,4 @@
-"""Test helpers importable from any test: tiny real HF checkpoints and a CLI runner."""
+"""Test helpers importable from any test: tiny real HF checkpoints, a CLI runner, token streams, run metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -67,3 +69,17 @@ def run_apr_json(*args: str | os.PathLike) -> dict:
     """Run `apr ... --json` expecting success, return the parsed JSON."""
     proc = run_apr(*args, "--json", check=True)
     return json.loads(proc.stdout)
+
+
+def learnable_tokens(n: int, vocab: int, *, step: int = 7, offset: int = 3, noise: int = 3, seed: int = 0) -> np.ndarray:
+    """A token stream a model can learn: each id is (previous * step + offset + a little noise) % vocab."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        ids[i] = (ids[i - 1] * step + offset + rng.integers(0, noise)) % vocab
+    return ids
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """Every record of a training run's metrics.jsonl."""
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from apr_converters.hf_to_apr import convert_hf_to_apr
+
 from apr_testing import build_hf_checkpoint
 
 
@@ -43,3 +45,11 @@ def hf_bert(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("hf") / "bert"
     transformers.BertModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_apr(hf_qwen2, tmp_path_factory) -> Path:
+    """The tiny tied Qwen2 converted to .apr (one per test module)."""
+    path = tmp_path_factory.mktemp("apr") / "q.apr"
+    convert_hf_to_apr(hf_qwen2, path)
+    return path

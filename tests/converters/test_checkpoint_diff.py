@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +13,6 @@ from apr_converters import diff as diff_module
 from apr_converters.apr_to_hf import export_apr_to_hf
 from apr_converters.diff import diff_checkpoints
 from apr_converters.hf_to_apr import convert_hf_to_apr
-
-
-@pytest.fixture(scope="module")
-def qwen_apr(hf_qwen2, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("apr") / "q.apr"
-    convert_hf_to_apr(hf_qwen2, path)
-    return path
 
 
 def test_hf_source_and_its_apr_are_identical(hf_qwen2, qwen_apr):

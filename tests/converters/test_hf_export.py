@@ -19,13 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "fixtures" / "tiny-qwen2-hf"
 
 
-@pytest.fixture(scope="module")
-def qwen_apr(hf_qwen2, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("apr") / "q.apr"
-    convert_hf_to_apr(hf_qwen2, path)
-    return path
-
-
 def test_every_shard_fits_the_limit(qwen_apr, tmp_path):
     report = export_apr_to_hf(qwen_apr, tmp_path / "out", max_shard_size="50KB")
     out = tmp_path / "out"

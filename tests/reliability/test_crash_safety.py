@@ -27,6 +27,7 @@ from apr_format.atomic import exchange
 from apr_format.validate import validate_file
 from apr_trainer.data import write_token_file
 
+from apr_testing import read_metrics
 from conftest import TEMP_NAME, env_cases, leftovers, popen_cli, record, run_cli, write_hf_folder
 
 
@@ -204,10 +205,6 @@ def tokens(tmp_path_factory) -> Path:
     return path
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def check_run_folder(run: Path) -> int:
     """Every checkpoint file present is whole; returns the newest complete checkpoint's step (0: none)."""
     newest = 0
@@ -251,7 +248,7 @@ def test_kill_during_training_checkpoints_then_resume_reproduces_the_run(tokens,
     training = _wait_for_training(proc, baseline)
     assert proc.wait() == 0
     duration = time.monotonic() - training  # from the first step to the end
-    expected = metrics(baseline)
+    expected = read_metrics(baseline)
     rng = random.Random(9)
     outcomes = []
     for case in range(TRAIN_CASES):
@@ -275,7 +272,7 @@ def test_kill_during_training_checkpoints_then_resume_reproduces_the_run(tokens,
             continue
         assert resumed.returncode == 0, resumed.stderr
         assert check_run_folder(run) == STEPS
-        got = metrics(run)
+        got = read_metrics(run)
         assert [r["step"] for r in got] == [r["step"] for r in expected]
         for a, b in zip(expected, got):
             for key in ("loss", "val_loss", "lr", "grad_norm"):

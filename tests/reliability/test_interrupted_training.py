@@ -17,6 +17,7 @@ from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
 from apr_trainer.presets import preset
 
+from apr_testing import learnable_tokens, read_metrics
 from conftest import popen_cli, run_cli
 
 
@@ -35,19 +36,11 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("interrupt")
     torch.manual_seed(0)
     save_apr(root / "init.apr", DecoderLM(preset("tiny")).state_dict(), preset("tiny").to_metadata())
-    ids = np.zeros(30_000, dtype=np.int64)
-    rng = np.random.default_rng(0)
-    for i in range(1, len(ids)):  # learnable: the next id mostly follows from the last
-        ids[i] = (ids[i - 1] * 5 + 1 + rng.integers(0, 4)) % 512
-    write_token_file(root / "tokens.bin", [ids], 512)
+    write_token_file(root / "tokens.bin", [learnable_tokens(30_000, 512, step=5, offset=1, noise=4)], 512)
     reference = root / "reference"
     proc = run_cli("pretrain", "--init", root / "init.apr", "--data", root / "tokens.bin", "--out", reference, *FLAGS)
     assert proc.returncode == 0, proc.stderr
     return {"root": root, "reference": reference}
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def kill_after_first_checkpoint(setup: dict[str, Path], run: Path) -> None:
@@ -58,11 +51,11 @@ def kill_after_first_checkpoint(setup: dict[str, Path], run: Path) -> None:
         time.sleep(0.0005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be interrupted"
-    assert not (run / "final.apr").exists() and len(metrics(run)) < STEPS + 1
+    assert not (run / "final.apr").exists() and len(read_metrics(run)) < STEPS + 1
 
 
 def assert_same_curve(reference: Path, run: Path) -> None:
-    expected, got = metrics(reference), metrics(run)
+    expected, got = read_metrics(reference), read_metrics(run)
     assert [r["step"] for r in got] == list(range(STEPS + 1))  # every step once: none lost, none repeated
     for a, b in zip(expected, got, strict=True):
         assert set(a) == set(b), (a, b)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from apr_format import open_apr, save_apr
-from apr_testing import run_apr
+from apr_testing import learnable_tokens, read_metrics, run_apr
 from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
 from apr_trainer.presets import preset
@@ -38,16 +38,8 @@ def inputs(tmp_path_factory) -> Path:
     config = preset("tiny")
     torch.manual_seed(0)
     save_apr(root / "model.apr", DecoderLM(config).state_dict(), config.to_metadata())
-    rng = np.random.default_rng(0)
-    ids = np.zeros(20_000, dtype=np.int64)
-    for i in range(1, len(ids)):
-        ids[i] = (ids[i - 1] * 5 + 1 + rng.integers(0, 4)) % 512
-    write_token_file(root / "tokens.bin", [ids], 512)
+    write_token_file(root / "tokens.bin", [learnable_tokens(20_000, 512, step=5, offset=1, noise=4)], 512)
     return root
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_gloo_processes_match_one_process(inputs, tmp_path):
@@ -58,7 +50,7 @@ def test_two_gloo_processes_match_one_process(inputs, tmp_path):
     summary = json.loads(proc.stdout)  # one JSON document: only rank 0 prints
     assert summary["world_size"] == 2
     assert proc.stderr.count("step 0 (before any update)") == 1  # only rank 0 logs
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == list(range(7))  # only rank 0 writes
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "val_loss", "grad_norm"):

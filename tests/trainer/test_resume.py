@@ -12,7 +12,7 @@ import torch
 
 from apr_format import open_apr, save_apr
 from apr_format.errors import CorruptSource, InvalidArgument
-from apr_testing import build_hf_checkpoint, run_apr
+from apr_testing import build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
 from apr_trainer import checkpoint
 from apr_trainer.data import write_token_file
 from apr_trainer.presets import preset
@@ -35,16 +35,8 @@ def workdir(tmp_path_factory) -> Path:
     tensors = load_file(hf / "model.safetensors")
     save_apr(root / "model.apr", tensors, arch.to_metadata())
     save_apr(root / "model-bf16.apr", {k: v.to(torch.bfloat16) for k, v in tensors.items()}, arch.to_metadata())
-    ids = np.zeros(20_000, dtype=np.int64)
-    rng = np.random.default_rng(0)
-    for i in range(1, len(ids)):
-        ids[i] = (ids[i - 1] * 7 + 3 + rng.integers(0, 3)) % 300
-    write_token_file(root / "tokens.bin", [ids], 300)
+    write_token_file(root / "tokens.bin", [learnable_tokens(20_000, 300)], 300)
     return root
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _interrupt_after(run: Path, copy: Path, step: int) -> Path:
@@ -67,10 +59,10 @@ def uninterrupted(workdir) -> Path:
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(workdir, uninterrupted):
     broken = _interrupt_after(uninterrupted, workdir / "broken", 6)
-    assert len(_metrics(broken)) == 13  # the crashed run had logged past its last checkpoint
+    assert len(read_metrics(broken)) == 13  # the crashed run had logged past its last checkpoint
     proc = run_apr("pretrain", "--resume", broken, check=True)
     assert "resume: step 6; optimizer, schedule, RNG and data position restored" in proc.stderr
-    expected, resumed = _metrics(uninterrupted), _metrics(broken)
+    expected, resumed = read_metrics(uninterrupted), read_metrics(broken)
     assert [r["step"] for r in resumed] == list(range(13))  # no duplicated steps 7..12
     for a, b in zip(expected, resumed, strict=True):
         for key in ("loss", "val_loss", "lr", "grad_norm"):
@@ -93,7 +85,7 @@ def test_resume_keeps_exact_weights_behind_a_bf16_checkpoint(workdir, tmp_path):
 
     resumed = train(resume_config(broken, {}))
     assert resumed.start_step == 4 and "fp32 master weights" in resumed.weights
-    for a, b in zip(_metrics(Path(full.run_dir)), _metrics(broken), strict=True):
+    for a, b in zip(read_metrics(Path(full.run_dir)), read_metrics(broken), strict=True):
         assert b.get("loss") == pytest.approx(a.get("loss"), abs=1e-6)
 
 
@@ -116,8 +108,8 @@ def test_init_from_a_checkpoint_is_weights_only(workdir, uninterrupted, tmp_path
     proc = run_apr("pretrain", "--init", uninterrupted / "final.apr", "--data", workdir / "tokens.bin",
                    "--out", tmp_path / "next", "--steps", "2", *FLAGS, check=True)
     assert "init: weights only -- fresh optimizer, schedule and data position, starting at step 0" in proc.stderr
-    records = _metrics(tmp_path / "next")
-    previous = _metrics(uninterrupted)[-1]
+    records = read_metrics(tmp_path / "next")
+    previous = read_metrics(uninterrupted)[-1]
     assert records[0]["step"] == 0 and records[0]["val_loss"] == pytest.approx(previous["val_loss"], abs=1e-6)
     assert records[1]["lr"] == pytest.approx(3e-3 / 3)  # warmup starts again
 

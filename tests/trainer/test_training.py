@@ -12,22 +12,13 @@ import torch
 
 from apr_format import open_apr, save_apr
 from apr_format.architecture import ArchitectureConfig
-from apr_testing import build_hf_checkpoint, run_apr
+from apr_testing import build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
 from apr_trainer import checkpoint
 from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
 from apr_trainer.train import TrainConfig, lr_at, train
 
 SEQ = 32
-
-
-def markov_tokens(n: int, vocab: int, seed: int = 0) -> np.ndarray:
-    """A learnable stream: each id follows from the previous one up to a little noise."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros(n, dtype=np.int64)
-    for i in range(1, n):
-        ids[i] = (ids[i - 1] * 7 + 3 + rng.integers(0, 3)) % vocab
-    return ids
 
 
 def hf_to_apr(hf: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -93,7 +84,7 @@ def _config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
 @pytest.fixture(scope="module")
 def markov_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("markov") / "markov.bin"
-    write_token_file(path, [markov_tokens(20_000, 300)], 300)
+    write_token_file(path, [learnable_tokens(20_000, 300)], 300)
     return path
 
 
@@ -101,7 +92,7 @@ def test_short_run_lowers_validation_loss(tmp_path, markov_file):
     lines: list[str] = []
     summary = train(_config(tmp_path, markov_file), lines.append)
     assert summary.final_val_loss < summary.start_val_loss - 0.5, summary
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(31))
     assert records[0] == {"step": 0, "val_loss": summary.start_val_loss, "tokens_seen": 0}
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= set(records[1])
@@ -113,8 +104,7 @@ def test_short_run_lowers_validation_loss(tmp_path, markov_file):
 def test_same_seed_same_run_other_seed_other_run(tmp_path, markov_file):
     def losses(name: str, seed: int) -> list[float]:
         summary = train(_config(tmp_path / name, markov_file, steps=4, seed=seed))
-        lines = Path(summary.run_dir, "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line).get("loss") for line in lines[1:]]
+        return [record.get("loss") for record in read_metrics(summary.run_dir)[1:]]
 
     first = losses("a", 5)
     assert first == losses("b", 5)
@@ -124,8 +114,7 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, markov_file):
 def test_grad_accumulation_matches_the_full_batch(tmp_path, markov_file):
     full = train(_config(tmp_path / "full", markov_file, steps=5, batch_size=8, grad_accum=1))
     accum = train(_config(tmp_path / "accum", markov_file, steps=5, batch_size=4, grad_accum=2))
-    read = lambda s: [json.loads(x) for x in Path(s.run_dir, "metrics.jsonl").read_text().splitlines()[1:]]  # noqa: E731
-    for a, b in zip(read(full), read(accum), strict=True):
+    for a, b in zip(read_metrics(full.run_dir)[1:], read_metrics(accum.run_dir)[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
