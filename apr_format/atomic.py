@@ -48,7 +48,7 @@ def replacing_folder(dest: str | os.PathLike) -> Iterator[str]:
     with _temp_for(dest, tempfiles.create_temp_dir, _rmtree) as (_, tmp):
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        fsync_dir(tmp)
+        _fsync_dir(tmp)
         _swap_into_place(tmp, dest)
 
 
@@ -77,13 +77,13 @@ def _temp_for(
         yield lock, tmp
     except OSError as exc:
         discard(tmp)
-        raise naming(exc, tmp, dest) from exc
+        raise _naming(exc, tmp, dest) from exc
     except BaseException:
         discard(tmp)
         raise
     finally:
         os.close(lock)
-    fsync_dir(os.path.dirname(os.path.abspath(dest)))
+    _fsync_dir(os.path.dirname(os.path.abspath(dest)))
 
 
 def _swap_into_place(tmp: str, dest: str) -> None:
@@ -132,7 +132,7 @@ def _libc():
         return None
 
 
-def naming(exc: OSError, tmp: str, dest: str) -> OSError:
+def _naming(exc: OSError, tmp: str, dest: str) -> OSError:
     """`exc` naming `dest` when it named our temp (or a file inside it) or nothing at all."""
     name = exc.filename
     if (name is None and exc.errno in _DESTINATION_ERRNOS) or (name is not None and os.fspath(name).startswith(tmp)):
@@ -140,7 +140,7 @@ def naming(exc: OSError, tmp: str, dest: str) -> OSError:
     return exc
 
 
-def fsync_dir(folder: str) -> None:
+def _fsync_dir(folder: str) -> None:
     """Make a folder's entries (a rename into it) durable; silently skipped where folders cannot be opened."""
     try:
         fd = os.open(folder, os.O_RDONLY)
