@@ -1,9 +1,11 @@
-"""Test helpers importable from any test: tiny real HF checkpoints, a CLI runner, token streams, run metrics."""
+"""Test helpers importable from any test: tiny real HF checkpoints, a CLI runner, token streams, run metrics,
+tokenizers trained on text with every whitespace trap."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,46 @@ def learnable_tokens(n: int, vocab: int, *, step: int = 7, offset: int = 3, nois
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """Every record of a training run's metrics.jsonl."""
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+# Text that hits the traps: runs of newlines and spaces, tabs, CRLF, digits, punctuation before
+# newlines (merged with them by the Qwen/Llama 3 pre-tokenizer), CJK, combining marks, emoji.
+_LINES = [
+    "The miller walked to the river.", "", "   indented by three", "\t\ttabbed", "x", "12345678901",
+    "ends with punctuation!!!", "日本語のテキスト", "e\u0301t\u0301e\u0301 combining", "🙂 emoji 🙂", "",
+    "", "", "    ", "trailing spaces   ", "CRLF line\r", "'s 've 'll contractions", "a\u00a0nbsp", "--",
+]
+
+
+def tricky_text(n_chars: int, seed: int = 0) -> str:
+    """About `n_chars` of random lines from _LINES, joined by one to five newlines."""
+    rng = random.Random(seed)
+    out, size = [], 0
+    while size < n_chars:
+        line = rng.choice(_LINES) + " " * rng.choice([0, 0, 1, 4]) + "\n" * rng.choice([1, 1, 1, 2, 5])
+        out.append(line)
+        size += len(line)
+    return "".join(out)
+
+
+def build_bpe_tokenizer(path: Path, style: str) -> Path:
+    """A real BPE tokenizer.json: GPT-2 byte level, Qwen/Llama 3 split regex, or a prefix-space variant."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if style == "qwen":
+        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=style == "prefix-space")
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([tricky_text(200_000)], trainer)
+    tok.save(str(path))
+    return path

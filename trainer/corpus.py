@@ -71,7 +71,7 @@ def find_inputs(specs: list[str | os.PathLike]) -> Inputs:
     """Every input file that `specs` (files, folders, globs) stand for, sorted within each spec.
 
     Files found in folders or globs with an unknown suffix, empty, hidden or listed twice are skipped
-    with the reason; a file named directly must be readable.
+    with the reason; a file named directly must be of a known kind.
 
     Raises:
         InvalidArgument: a missing path, a glob without matches, a named file of unknown kind, or no
@@ -116,7 +116,7 @@ def _skip_reason(path: Path, root: Path, seen: set[Path]) -> str | None:
         return "hidden"
     if kind_of(path) is None:
         return f"unknown suffix {''.join(path.suffixes[-2:]) or '(none)'!r}; reads {KNOWN_SUFFIXES}"
-    if path.stat().st_size == 0:
+    if path != root and path.stat().st_size == 0:
         return "empty file"
     return None
 

@@ -67,12 +67,18 @@ def tokenize_corpus(
     """
     folder = Path(out)
     _check_options(options, folder)
-    inputs = find_inputs(specs)
-    for line in input_notes(inputs):
-        log(line)
     if tokenizer.eos_id is None and not options.no_separator:
         raise InvalidArgument(tokenizer.source, "has no end-of-text token, so documents would run together; "
                                                 "pass --no-separator to join them anyway")
+    used = _used(folder)
+    if used and force:
+        _check_only_ours(folder, options.prefix)
+    elif used and not resume:
+        raise OutputExists(folder, "exists and is not empty (use --resume to continue an interrupted run, "
+                                   "--force to start over)")
+    inputs = find_inputs(specs)
+    for line in input_notes(inputs):
+        log(line)
     log(eos_note(tokenizer))
     cut = cuts_at_newlines(tokenizer)
     if not cut:
@@ -82,12 +88,11 @@ def tokenize_corpus(
     job = _job(inputs, tokenizer, options, dtype)
     run = _Run(inputs, tokenizer, options, dtype, job, ReadOptions(
         options.text_field, options.doc_separator, options.split_paragraphs, cut), on_batch)
-    if force and _used(folder):
-        _check_only_ours(folder, options.prefix)
+    if force and used:
         log(f"--force: the new run replaces {folder} when it completes (the old one stays until then)")
         with replacing_folder(folder) as tmp:
             return run.write(Path(tmp), Progress([], ResumePoint()))
-    progress = _prepare_folder(folder, options.prefix, job, resume, log)
+    progress = _prepare_folder(folder, options.prefix, job, log)
     if (folder / INDEX_NAME).exists():
         log(f"{folder}: already complete ({INDEX_NAME} present)")
         return read_index(folder / INDEX_NAME)
@@ -200,14 +205,10 @@ def _check_only_ours(folder: Path, prefix: str) -> None:
                                    "choose an empty or new folder")
 
 
-def _prepare_folder(folder: Path, prefix: str, job: dict[str, Any], resume: bool,
-                    log: Callable[[str], None]) -> Progress:
-    """The shards to keep: those of an interrupted run of the same job with `resume`, else none."""
+def _prepare_folder(folder: Path, prefix: str, job: dict[str, Any], log: Callable[[str], None]) -> Progress:
+    """The shards to keep: those of an interrupted run of the same job, if any."""
     if not _used(folder):
         return Progress([], ResumePoint())
-    if not resume:
-        raise OutputExists(folder, "exists and is not empty (use --resume to continue an interrupted run, "
-                                   "--force to start over)")
     if not (folder / JOB_NAME).exists():
         raise InvalidArgument(folder, f"holds no interrupted apr tokenize run ({JOB_NAME}) to resume")
     progress = complete_shards(folder, prefix, job)

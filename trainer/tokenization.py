@@ -132,7 +132,7 @@ def _eos_id(tokenizer: Any, meta: Mapping[str, Any] | None) -> int | None:
 
 
 # Text in one encode_batch call: enough pieces for every core, a bounded number of Encodings alive.
-BATCH_CHARS = 1 << 23
+BATCH_CHARS = 1 << 21
 # Lines a newline cut must not change: words, numbers, punctuation, CJK, emoji, contractions, indentation.
 _CUT_PROBE = (
     "The miller's cat slept.\nIt was 1234567 days\n(or so) -- \"quoted\"\n\u65e5\u672c\u8a9e\u306e\u6587\n"
@@ -174,7 +174,7 @@ def cuts_at_newlines(info: TokenizerInfo) -> bool:
     return len(parts) > 4 and whole == pieces
 
 
-def encode_pieces(info: TokenizerInfo, pieces: Iterable[Piece], batch_chars: int = BATCH_CHARS) -> Iterator[EncodedBatch]:
+def encode_pieces(info: TokenizerInfo, pieces: Iterable[Piece]) -> Iterator[EncodedBatch]:
     """Encode pieces with the tokenizer's parallel `encode_batch_fast` (all cores), the end-of-text id
     after every document (when the tokenizer has one). No BOS/special tokens are added by the
     post-processor: documents are separated by EOS only (the nanoGPT convention).
@@ -184,7 +184,7 @@ def encode_pieces(info: TokenizerInfo, pieces: Iterable[Piece], batch_chars: int
     for piece in pieces:
         pending.append(piece)
         size += len(piece.text)
-        if size >= batch_chars:
+        if size >= BATCH_CHARS:
             yield _encode(info, pending)
             pending, size = [], 0
     if pending:

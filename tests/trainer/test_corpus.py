@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 
 import numpy as np
 import pytest
@@ -15,51 +14,11 @@ from apr_trainer import corpus
 from apr_trainer.corpus import ReadOptions, find_inputs, read_pieces
 from apr_trainer.tokenization import TokenizerInfo, cuts_at_newlines, encode_pieces, load_tokenizer
 
-# Text that hits the traps: runs of newlines and spaces, tabs, CRLF, digits, punctuation before
-# newlines (merged with them by the Qwen/Llama 3 pre-tokenizer), CJK, combining marks, emoji.
-_LINES = [
-    "The miller walked to the river.", "", "   indented by three", "\t\ttabbed", "x", "12345678901",
-    "ends with punctuation!!!", "日本語のテキスト", "e\u0301t\u0301e\u0301 combining", "🙂 emoji 🙂", "",
-    "", "", "    ", "trailing spaces   ", "CRLF line\r", "'s 've 'll contractions", "a\u00a0nbsp", "--",
-]
-
-
-def corpus_text(n_chars: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    out, size = [], 0
-    while size < n_chars:
-        line = rng.choice(_LINES) + " " * rng.choice([0, 0, 1, 4]) + "\n" * rng.choice([1, 1, 1, 2, 5])
-        out.append(line)
-        size += len(line)
-    return "".join(out)
-
-
-def _bpe(path, style: str):
-    """A real BPE tokenizer.json: GPT-2 byte level, Qwen/Llama 3 split regex, or a prefix-space variant."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    if style == "qwen":
-        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=style == "prefix-space")
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([corpus_text(200_000)], trainer)
-    tok.save(str(path))
-    return path
-
+from apr_testing import build_bpe_tokenizer, tricky_text
 
 @pytest.fixture(scope="module", params=["gpt2", "qwen"])
 def tokenizer(request, tmp_path_factory) -> TokenizerInfo:
-    return load_tokenizer(_bpe(tmp_path_factory.mktemp("tok") / "tokenizer.json", request.param))
+    return load_tokenizer(build_bpe_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json", request.param))
 
 
 def encode_files(info: TokenizerInfo, files, options: ReadOptions | None = None, start=(0, 0)) -> list[int]:
@@ -73,7 +32,7 @@ def expected(info: TokenizerInfo, docs: list[str]) -> list[int]:
 
 
 def test_a_big_single_document_gives_the_ids_of_encoding_it_whole(tokenizer, tmp_path):
-    text = corpus_text(3_000_000, seed=1)
+    text = tricky_text(3_000_000, seed=1)
     path = tmp_path / "big.txt"
     path.write_bytes(text.encode("utf-8"))
     assert cuts_at_newlines(tokenizer)
@@ -85,7 +44,7 @@ def test_a_big_single_document_gives_the_ids_of_encoding_it_whole(tokenizer, tmp
 
 def test_cuts_at_every_block_and_piece_size(tokenizer, tmp_path, monkeypatch):
     """Tiny blocks and pieces: cuts land next to every kind of line, block ends split UTF-8 characters."""
-    text = corpus_text(40_000, seed=2)
+    text = tricky_text(40_000, seed=2)
     path = tmp_path / "small.txt"
     path.write_bytes(text.encode("utf-8"))
     for block, piece in [(7, 16), (64, 50), (1000, 97)]:
@@ -95,9 +54,9 @@ def test_cuts_at_every_block_and_piece_size(tokenizer, tmp_path, monkeypatch):
 
 
 def test_a_tokenizer_that_changes_ids_at_cuts_gets_whole_documents(tmp_path, monkeypatch):
-    info = load_tokenizer(_bpe(tmp_path / "tokenizer.json", "prefix-space"))
+    info = load_tokenizer(build_bpe_tokenizer(tmp_path / "tokenizer.json", "prefix-space"))
     assert not cuts_at_newlines(info)  # a prefix space on every piece would change the first id
-    text = corpus_text(200_000, seed=3)
+    text = tricky_text(200_000, seed=3)
     (tmp_path / "doc.txt").write_text(text)
     monkeypatch.setattr(corpus, "BLOCK_BYTES", 4096)
     pieces = list(read_pieces([tmp_path / "doc.txt"], ReadOptions(cut_at_newlines=False)))
