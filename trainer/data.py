@@ -91,7 +91,8 @@ def open_tokens(path: str | os.PathLike, tokenizer: Callable[[], TokenizerInfo] 
             raise InvalidArgument(root, f"`apr tokenize` has not finished this folder (no {INDEX_NAME}); "
                                         f"finish it with `apr tokenize ... -o {text} --resume`")
         shards = sorted(p for p in root.rglob(f"*{TOKEN_SUFFIX}") if p.is_file())
-        texts = [p for p in root.rglob("*") if p.is_file() and kind_of(p) is not None]
+        texts = [p for p in root.rglob("*") if p.is_file() and kind_of(p) is not None
+                 and not p.name.endswith(f"{TOKEN_SUFFIX}.json")]  # a token file's sidecar is not text
         if shards and texts:
             raise InvalidArgument(root, "folder mixes token files (.bin) and text files; keep one kind per folder")
         if shards:
