@@ -128,3 +128,15 @@ def build_bpe_tokenizer(path: Path, style: str) -> Path:
     tok.train_from_iterator([tricky_text(200_000)], trainer)
     tok.save(str(path))
     return path
+
+
+# What a new user's data folder held (issue 15): text under .md and upper-case names, nested, and a table.
+MIXED_FOLDER = {"README.md": "# readme\n", "b.TXT": "upper case suffix\n", "sub/a.txt": "a\n", "table.csv": "a,b\n"}
+
+
+def mixed_text_folder(root: Path) -> Path:
+    """`root` holding MIXED_FOLDER's files."""
+    for name, text in MIXED_FOLDER.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from apr_testing import APR_COMMAND, FIXTURES, build_bpe_tokenizer, run_apr, tricky_text
+from apr_testing import APR_COMMAND, FIXTURES, build_bpe_tokenizer, mixed_text_folder, run_apr, tricky_text
 
 TOKENIZER = FIXTURES / "tiny-qwen2-hf" / "tokenizer.json"
 
@@ -52,12 +52,7 @@ def test_globs_folders_and_skipped_files_are_logged(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = tmp_path / "data"
-    (data / "sub").mkdir(parents=True)
-    (data / "README.md").write_text("# A readme\n")
-    (data / "b.TXT").write_text("upper case\n")
-    (data / "sub" / "a.txt").write_text("nested\n")
-    (data / "table.csv").write_text("a,b\n")
+    data = mixed_text_folder(tmp_path / "data")
     pq.write_table(pa.table({"text": ["from parquet", "second row"]}), data / "rows.parquet")
     proc = run_apr("tokenize", data, f"{data}/sub/*.txt", "-o", tmp_path / "out", "--tokenizer", TOKENIZER,
                    check=True)

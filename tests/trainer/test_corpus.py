@@ -14,7 +14,7 @@ from apr_trainer import corpus
 from apr_trainer.corpus import ReadOptions, find_inputs, read_pieces
 from apr_trainer.tokenization import TokenizerInfo, cuts_at_newlines, encode_pieces, load_tokenizer
 
-from apr_testing import build_bpe_tokenizer, tricky_text
+from apr_testing import build_bpe_tokenizer, mixed_text_folder, tricky_text
 
 @pytest.fixture(scope="module", params=["gpt2", "qwen"])
 def tokenizer(request, tmp_path_factory) -> TokenizerInfo:
@@ -119,12 +119,7 @@ def test_reading_resumes_at_a_recorded_piece(tokenizer, tmp_path, monkeypatch):
 
 
 def test_inputs_from_folders_and_globs_with_skipped_files_named(tmp_path):
-    root = tmp_path / "data"
-    (root / "sub").mkdir(parents=True)
-    (root / "README.md").write_text("# readme\n")
-    (root / "b.TXT").write_text("upper case suffix\n")
-    (root / "sub" / "a.txt").write_text("a\n")
-    (root / "notes.csv").write_text("a,b\n")
+    root = mixed_text_folder(tmp_path / "data")
     (root / "empty.txt").write_text("")
     (root / ".cache").mkdir()
     (root / ".cache" / "c.txt").write_text("hidden\n")
@@ -132,14 +127,14 @@ def test_inputs_from_folders_and_globs_with_skipped_files_named(tmp_path):
     assert [p.relative_to(root).as_posix() for p in inputs.files] == ["README.md", "b.TXT", "sub/a.txt"]
     reasons = {p.relative_to(root).as_posix(): r for p, r in inputs.skipped}
     assert reasons == {".cache/c.txt": "hidden", "empty.txt": "empty file",
-                       "notes.csv": "unknown suffix '.csv'; reads " + corpus.KNOWN_SUFFIXES}
+                       "table.csv": "unknown suffix '.csv'; reads " + corpus.KNOWN_SUFFIXES}
     by_glob = find_inputs([f"{root}/**/*.txt", root / "README.md", root / "sub" / "a.txt"])
     assert [p.name for p in by_glob.files] == ["a.txt", "README.md"]
     assert [(p.name, r) for p, r in by_glob.skipped] == [("empty.txt", "empty file"), ("a.txt", "listed twice")]
     with pytest.raises(InvalidArgument, match=r"data/\*\.parquet: matches no files"):
         find_inputs([f"{root}/*.parquet"])
-    with pytest.raises(InvalidArgument, match=r"notes.csv: unknown data format"):
-        find_inputs([root / "notes.csv"])
+    with pytest.raises(InvalidArgument, match=r"table.csv: unknown data format"):
+        find_inputs([root / "table.csv"])
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "x.csv").write_text("1")
     with pytest.raises(InvalidArgument, match=r"only: holds no .* files \(1 file\(s\) skipped: x.csv: unknown suffix"):

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from apr_format.errors import CorruptSource, InvalidArgument
+from apr_testing import mixed_text_folder
+from apr_trainer.corpus import KNOWN_SUFFIXES
 from apr_trainer.data import (
     TokenDataset,
     TokenStream,
@@ -16,7 +18,6 @@ from apr_trainer.data import (
     sidecar_path,
     write_token_file,
 )
-from apr_trainer.corpus import KNOWN_SUFFIXES
 from apr_trainer.tokenization import load_tokenizer
 
 TEXT = "".join(
@@ -143,12 +144,7 @@ def test_jsonl_documents_end_with_eos(tmp_path, bpe_tokenizer):
 
 
 def test_text_folder_uses_md_and_upper_case_files_and_names_the_skipped(tmp_path, bpe_tokenizer):
-    root = tmp_path / "data"
-    (root / "sub").mkdir(parents=True)
-    (root / "README.md").write_text("# readme\n")
-    (root / "b.TXT").write_text("upper case suffix\n")
-    (root / "sub" / "a.txt").write_text("a\n")
-    (root / "table.csv").write_text("a,b\n")
+    root = mixed_text_folder(tmp_path / "data")
     info = load_tokenizer(bpe_tokenizer)
     stream = open_tokens(root, tokenizer=lambda: info)
     enc = info.tokenizer.encode
