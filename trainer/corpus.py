@@ -109,6 +109,15 @@ def find_inputs(specs: list[str | os.PathLike]) -> Inputs:
     return Inputs(files, skipped)
 
 
+def input_notes(inputs: Inputs) -> list[str]:
+    """Log lines: how many files are used, and each skipped file with the reason."""
+    total = sum(p.stat().st_size for p in inputs.files)
+    lines = [f"inputs: {len(inputs.files)} file(s), {total:,} bytes"
+             + (f", {len(inputs.skipped)} skipped" if inputs.skipped else "")]
+    lines += [f"skipped: {path}: {reason}" for path, reason in inputs.skipped]
+    return lines
+
+
 def _skip_reason(path: Path, root: Path, seen: set[Path]) -> str | None:
     if path.resolve() in seen:
         return "listed twice"

@@ -17,7 +17,7 @@ import numpy as np
 from apr_format.atomic import replacing
 from apr_format.errors import CorruptSource, InvalidArgument
 
-from .corpus import KNOWN_SUFFIXES, Inputs, ReadOptions, find_inputs, kind_of, read_pieces
+from .corpus import KNOWN_SUFFIXES, ReadOptions, find_inputs, input_notes, kind_of, read_pieces
 from .shards import DTYPES, INDEX_NAME, JOB_NAME, SIDECAR_FORMAT, read_index, sidecar_path, token_dtype
 from .tokenization import TokenizerInfo, cuts_at_newlines, encode_pieces, eos_note
 
@@ -195,15 +195,6 @@ def _tokenize_text(where: str, tokenizer: Callable[[], TokenizerInfo] | None) ->
     if not len(tokens):
         raise CorruptSource(where, "holds no text (0 tokens)")
     return TokenStream([tokens.astype(np.uint32)], where, tokenizer=info, notes=notes)
-
-
-def input_notes(inputs: Inputs) -> list[str]:
-    """Log lines: how many files are used, and each skipped file with the reason."""
-    total = sum(p.stat().st_size for p in inputs.files)
-    lines = [f"inputs: {len(inputs.files)} file(s), {total:,} bytes"
-             + (f", {len(inputs.skipped)} skipped" if inputs.skipped else "")]
-    lines += [f"skipped: {path}: {reason}" for path, reason in inputs.skipped]
-    return lines
 
 
 def write_token_file(

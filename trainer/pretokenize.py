@@ -14,8 +14,7 @@ from typing import Any
 from apr_format.atomic import replacing_folder
 from apr_format.errors import CorruptSource, InvalidArgument, OutputExists
 
-from .corpus import Inputs, Piece, ReadOptions, find_inputs, kind_of, read_pieces
-from .data import input_notes
+from .corpus import Inputs, Piece, ReadOptions, find_inputs, input_notes, kind_of, read_pieces
 from .shards import (
     INDEX_FORMAT,
     INDEX_NAME,

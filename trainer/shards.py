@@ -16,6 +16,7 @@ import numpy as np
 from apr_format.atomic import replacing
 from apr_format.errors import CorruptSource, InvalidArgument
 
+from .corpus import Piece
 from .tokenization import EncodedBatch
 
 INDEX_NAME = "index.json"
@@ -106,8 +107,14 @@ def complete_shards(folder: Path, prefix: str, job: dict[str, Any]) -> Progress:
         side = sidecar_path(path)
         if not (path.exists() and side.exists()):
             break
-        meta = json.loads(side.read_text(encoding="utf-8"))
-        if meta.get("job_sha256") != digest or path.stat().st_size != meta["num_tokens"] * DTYPES[meta["dtype"]].itemsize:
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+            ResumePoint(**meta["resume"])
+            complete = (meta["job_sha256"] == digest
+                        and path.stat().st_size == meta["num_tokens"] * DTYPES[meta["dtype"]].itemsize)
+        except (ValueError, KeyError, TypeError):  # not one of this run's sidecars: rewrite from here
+            complete = False
+        if not complete:
             break
         shards.append(meta)
     resume = ResumePoint(**shards[-1]["resume"]) if shards else ResumePoint()
@@ -136,7 +143,8 @@ class ShardWriter:
     def add(self, batch: EncodedBatch) -> None:
         ends = np.cumsum(batch.lengths)
         total = int(ends[-1]) if len(ends) else 0
-        doc_ends = ends[[p.ends_document for p in batch.pieces] & (batch.lengths > 0)]
+        ending = np.fromiter((p.ends_document for p in batch.pieces), dtype=bool, count=len(batch.pieces))
+        doc_ends = ends[ending & (batch.lengths > 0)]
         pos = min(self._drop, total)
         self._drop -= pos
         while pos < total:
@@ -198,7 +206,7 @@ class ShardWriter:
         return pos - start + (self._unit_before if first == 0 and key == self._unit else 0)
 
 
-def _key(piece: Any) -> tuple[int, int]:
+def _key(piece: Piece) -> tuple[int, int]:
     return piece.file, piece.at
 
 
