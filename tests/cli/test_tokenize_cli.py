@@ -69,6 +69,16 @@ def test_globs_folders_and_skipped_files_are_logged(tmp_path):
     assert [s["reason"] for s in index["skipped"]][1] == "listed twice"
 
 
+def test_pretrain_on_a_text_folder_logs_files_skipped_files_and_the_document_end(tmp_path):
+    data = mixed_text_folder(tmp_path / "data")
+    proc = run_apr("pretrain", "--arch", "tiny", "--data", data, "--tokenizer", TOKENIZER, "--out", tmp_path / "run",
+                   "--check-only", "--seq-len", "4", "--batch-size", "2", "--val-fraction", "0.2", check=True)
+    assert "inputs: 3 file(s), 29 bytes, 1 skipped\n" in proc.stderr
+    assert f"skipped: {data / 'table.csv'}: unknown suffix '.csv'" in proc.stderr
+    assert "documents: each ends with <|im_end|> (id " in proc.stderr
+    assert "fit 1 validation window(s) of 5 tokens, not the 16 asked" in proc.stderr  # tiny data, warned
+
+
 def test_pretrain_reads_shards_by_folder_glob_and_index(tmp_path):
     run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", tmp_path / "tok", "--tokenizer", TOKENIZER,
             "--shard-tokens", "500", "-q", check=True)
