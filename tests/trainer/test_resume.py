@@ -11,7 +11,7 @@ import torch
 
 from apr_format import open_apr
 from apr_format.errors import CorruptSource, InvalidArgument
-from apr_testing import build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
+from apr_testing import apr_from_hf, build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
 from apr_trainer import checkpoint
 from apr_trainer.config import TrainConfig
 from apr_trainer.data import write_token_file
