@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -62,7 +63,8 @@ def tokenize_cmd(sources: tuple[str, ...], out: str, tokenizer: str | None, from
         raise InvalidArgument("--resume", "cannot be combined with --force")
     log = (lambda line: None) if quiet else (lambda line: click.echo(escape(line), err=True))
     info = load_tokenizer(tokenizer, from_apr)
-    bar = _Bar() if sys.stderr.isatty() and not quiet else None
+    # drawn like render.ByteProgress (terminal only, not under NO_COLOR or CI), with tokens/s added
+    bar = _Bar() if sys.stderr.isatty() and not (quiet or os.environ.get("NO_COLOR") or os.environ.get("CI")) else None
     try:
         index = tokenize_corpus(list(sources), out, info, TokenizeOptions(**options), resume=resume, force=force,
                                 log=log, on_batch=bar.update if bar else None)
