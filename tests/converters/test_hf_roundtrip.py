@@ -111,7 +111,7 @@ def test_dtype_cast_matches_torch(hf_qwen2, tmp_path, monkeypatch):
 
     from apr_converters import hf_to_apr
 
-    monkeypatch.setattr(hf_to_apr, "_CAST_CHUNK_VALUES", 1000)  # cast in many chunks
+    monkeypatch.setattr(hf_to_apr, "CHUNK_VALUES", 1000)  # cast in many chunks
 
     originals = load_file(hf_qwen2 / "model.safetensors")
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
