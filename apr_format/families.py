@@ -265,7 +265,8 @@ def _templates(family: Family, dims: Mapping[str, int], attention_bias: bool, he
 def expected_tensors(
     family_name: str, arch: Mapping[str, Any], *, with_head_copy: bool = False, path: Any = None
 ) -> dict[str, tuple[int, ...]]:
-    """Every tensor (HF name -> shape) a model of this family and APR architecture metadata needs.
+    """Every tensor (HF name -> shape) a model of this family and APR architecture metadata needs,
+    sorted by name (the order the converters check and name them in).
 
     `lm_head.weight` is included when the model is untied, or when `with_head_copy` asks for
     aprender's copy of a tied head.
@@ -274,10 +275,11 @@ def expected_tensors(
         UnsupportedArchitecture, MissingConfigKey, CorruptMetadata.
     """
     family = get_family(family_name, path)
-    return tensor_shapes(
+    shapes = tensor_shapes(
         family, dimensions(arch, path), attention_bias=has_attention_bias(arch, family),
         head=with_head_copy or not is_tied(arch, family),
     )
+    return dict(sorted(shapes.items()))
 
 
 # -- GGUF ------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_errors_are_one_line_with_exit_2(hf_llama, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     proc = run_apr("convert", broken, "-o", tmp_path / "b.apr")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "tensor 'model.embed_tokens.weight' has shape [320, 64] but the llama config needs [999, 64]" in proc.stderr
+    assert "tensor 'lm_head.weight' has shape [320, 64] but the llama config needs [999, 64]" in proc.stderr
     assert not (tmp_path / "b.apr").exists()
     proc = run_apr("convert", hf_llama, "-o", tmp_path / "k.apr", "--keep-quant")
     assert proc.returncode == 2 and "--keep-quant applies to GGUF input only" in proc.stderr
