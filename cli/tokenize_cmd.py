@@ -23,7 +23,8 @@ def _count(ctx: click.Context, param: click.Parameter, value: str) -> int:
     try:
         return int(float(text[:-1]) * _SUFFIXES[text[-1]]) if text[-1:] in _SUFFIXES else int(text)
     except ValueError:
-        raise InvalidArgument(f"--{param.name.replace('_', '-')}", f"expected a count like 100M, got {value!r}") from None
+        raise InvalidArgument(None, f"expected a count like 100M, got {value!r}",
+                              flag=f"--{param.name.replace('_', '-')}") from None
 
 
 @click.command("tokenize")
@@ -58,9 +59,9 @@ def tokenize_cmd(sources: tuple[str, ...], out: str, tokenizer: str | None, from
     Example: apr tokenize 'fineweb/*.parquet' -o fineweb-tok --from model.apr --shard-tokens 100M
     """
     if (tokenizer is None) == (from_apr is None):
-        raise InvalidArgument("--tokenizer", "give exactly one of --tokenizer tokenizer.json or --from model.apr")
+        raise InvalidArgument(None, "give exactly one of --tokenizer tokenizer.json or --from model.apr", flag="--tokenizer")
     if resume and force:
-        raise InvalidArgument("--resume", "cannot be combined with --force")
+        raise InvalidArgument(None, "cannot be combined with --force", flag="--resume")
     log = (lambda line: None) if quiet else (lambda line: click.echo(escape(line), err=True))
     info = load_tokenizer(tokenizer, from_apr)
     # drawn like render.ByteProgress (terminal only, not under NO_COLOR or CI), with tokens/s added

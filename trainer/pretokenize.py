@@ -83,7 +83,7 @@ def tokenize_corpus(
     if not cut:
         log(f"warning: {tokenizer.source} changes ids when text is cut at a newline: each document is encoded "
             "whole, so memory grows with the largest document")
-    dtype = token_dtype(options.dtype, tokenizer.size, "--dtype")
+    dtype = token_dtype(options.dtype, tokenizer.size, folder)
     job = _job(inputs, tokenizer, options, dtype)
     run = _Run(inputs, tokenizer, options, dtype, job, ReadOptions(
         options.text_field, options.doc_separator, options.split_paragraphs, cut), on_batch)
@@ -167,11 +167,11 @@ def _check_options(options: TokenizeOptions, folder: Path) -> None:
     if folder.suffix == ".bin":
         raise InvalidArgument(folder, "apr tokenize writes a folder of shards; give a folder name (e.g. tokens/)")
     if options.shard_tokens < 1:
-        raise InvalidArgument("--shard-tokens", f"must be at least 1, got {options.shard_tokens}")
+        raise InvalidArgument(None, f"must be at least 1, got {options.shard_tokens}", flag="--shard-tokens")
     if options.doc_separator is not None and (options.split_paragraphs or options.doc_separator == ""):
-        raise InvalidArgument("--doc-separator", "must be non-empty and not combined with --split-paragraphs")
+        raise InvalidArgument(None, "must be non-empty and not combined with --split-paragraphs", flag="--doc-separator")
     if not options.prefix or os.sep in options.prefix:
-        raise InvalidArgument("--prefix", f"must be a plain file name prefix, got {options.prefix!r}")
+        raise InvalidArgument(None, f"must be a plain file name prefix, got {options.prefix!r}", flag="--prefix")
 
 
 def _job(inputs: Inputs, tokenizer: TokenizerInfo, options: TokenizeOptions, dtype: str) -> dict[str, Any]:
