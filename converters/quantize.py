@@ -87,8 +87,8 @@ class QuantReport:
         worst = max(self.errors.items(), key=lambda item: item[1].rel_l2, default=None)
         return {
             "kind": self.kind,
-            "quantized": self.quantized,
-            "kept_float": self.kept_float,
+            "quantized": sorted(self.quantized),
+            "kept_float": sorted(self.kept_float),
             "max_abs_error": max((e.max_abs for e in self.errors.values()), default=0.0),
             "rel_l2_error": (self._sq_error / self._sq_norm) ** 0.5 if self._sq_norm else 0.0,
             "worst_tensor": {"name": worst[0], **asdict(worst[1])} if worst else None,

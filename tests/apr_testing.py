@@ -83,3 +83,9 @@ def learnable_tokens(n: int, vocab: int, *, step: int = 7, offset: int = 3, nois
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """Every record of a training run's metrics.jsonl."""
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py): HF rotate-half q/k rows -> GGML adjacent pairs."""
+    grouped = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(weights.shape)

@@ -14,7 +14,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from apr_format import Flag, open_apr
-from apr_testing import run_apr, run_apr_json
+from apr_testing import llama_permute, run_apr, run_apr_json
 from apr_format.errors import (
     AprError, CorruptSource, MissingConfigKey, MissingTensor, OutputExists, UnsupportedArchitecture,
 )
@@ -33,12 +33,6 @@ PRE_OF = {"llama": "gpt2", "qwen2": "qwen2"}  # tokenizer.ggml.pre written for e
 
 
 # -- GGUF writing, as llama.cpp's convert_hf_to_gguf.py does it ----------------------------------
-def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's LlamaModel.permute (HF rotate-half rows -> GGML adjacent pairs)."""
-    grouped = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-    return grouped.swapaxes(1, 2).reshape(weights.shape)
-
-
 # Pre-tokenization as the HF tokenizer.json of each model spells it, by tokenizer.ggml.pre.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
