@@ -32,7 +32,7 @@ def gguf_vocab(
 
     Tokens are padded to `vocab_size` with `[PAD{i}]` (type UNUSED) as llama.cpp pads them;
     added special tokens are CONTROL, other added tokens USER_DEFINED. `config` is the model's
-    config.json (bos/eos/pad ids); tokenizer_config.json fills what it lacks.
+    config.json (bos/eos/pad ids), used where tokenizer_config.json names no token.
 
     Raises:
         UnsupportedFeature: not a byte-level BPE tokenizer, or more tokens than `vocab_size`.
@@ -67,14 +67,17 @@ def gguf_vocab(
     vocab.values["token_type"] = types
     vocab.values["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     lookup = {t: i for i, t in by_id.items()}
-    for gguf_key, hf_key in GGUF_TOKEN_ID_KEYS.items():
-        token_id = config.get(hf_key)
-        if isinstance(token_id, list) and token_id:  # Llama 3 lists several eos ids; GGUF holds one
-            token_id = token_id[0]
-        if not isinstance(token_id, int) or isinstance(token_id, bool):
-            token_id = lookup.get(token_text(tok_config.get(hf_key.removesuffix("_id"))))
-        if token_id is not None:
-            vocab.values[gguf_key] = token_id
+    for gguf_key, hf_key in GGUF_TOKEN_ID_KEYS.items():  # tokenizer_config.json first, as llama.cpp's SpecialVocab
+        token_id = lookup.get(token_text(tok_config.get(hf_key.removesuffix("_id"))))
+        if token_id is None:
+            token_id = config.get(hf_key)
+            if isinstance(token_id, list) and token_id:  # Llama 3 lists several eos ids; GGUF holds one
+                token_id = token_id[0]
+        if isinstance(token_id, int) and not isinstance(token_id, bool):
+            if 0 <= token_id < vocab_size:
+                vocab.values[gguf_key] = token_id
+            else:
+                vocab.warnings.append(f"{hf_key} {token_id} is outside the {vocab_size} tokens: left out")
     for key in ("add_bos_token", "add_eos_token"):
         if isinstance(tok_config.get(key), bool):
             vocab.values[key] = tok_config[key]
