@@ -92,3 +92,22 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
     magnitude = np.abs(x)
     whole = np.floor(magnitude)
     return np.copysign(whole + (magnitude - whole >= 0.5), x)
+
+
+def q4_to_ggml_q4_0(raw: memoryview | bytes, numel: int) -> np.ndarray:
+    """The same values as GGML Q4_0 blocks (uint8, 18 bytes each): the f16 scale stays, the
+    nibbles move from APR's order (element i in byte i // 2, low nibble first) to GGML's
+    (element i in byte i % 16, low nibbles hold 0..15). Scales aprender's reader zeroes
+    (NaN, Inf, subnormal) are written as 0, so both decode to exactly the same floats."""
+    block = DTYPE_BY_NAME["q4"]
+    blocks = -(-numel // block.block_values)
+    data = np.frombuffer(raw, dtype=np.uint8, count=blocks * block.block_bytes).reshape(blocks, block.block_bytes)
+    scales = data[:, :2].copy().view("<f2")
+    scales[~np.isfinite(scales) | (np.abs(scales.astype(np.float32)) < _F16_MIN_NORMAL)] = 0
+    nibbles = np.empty((blocks, 32), dtype=np.uint8)
+    nibbles[:, 0::2] = data[:, 2:] & 0x0F
+    nibbles[:, 1::2] = data[:, 2:] >> 4
+    out = np.empty_like(data)
+    out[:, :2] = scales.view(np.uint8)
+    out[:, 2:] = nibbles[:, :16] | (nibbles[:, 16:] << 4)
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +13,7 @@ import numpy as np
 from apr_format import AprFile, open_apr
 from apr_format.atomic import replacing
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch, UnsupportedArchitecture, UnsupportedFeature
+from apr_format.quants import q4_to_ggml_q4_0
 
 from .apr_to_hf import Progress, tied_head_copy
 from .destination import check_destination
@@ -27,9 +28,10 @@ OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 _OUT_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}  # --outtype -> GGML type of 2-D tensors
 _AUTO_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}  # --outtype auto: the tensor's own float type
 _RAW_GGML = {"q4_k": "Q4_K", "q6_k": "Q6_K"}  # APR codes 12 / 14 hold GGML blocks: copied raw under auto
-_APR_BLOCKS = ("q4", "q8")  # aprender's own blocks: GGUF has no such type, they are dequantized
+_APR_BLOCKS = ("q4", "q8")  # aprender's own blocks: dequantized, except q4 rows of whole blocks under auto
+_Q4_0 = "Q4_0"  # APR q4 is GGML Q4_0 with its nibbles in another order: moved, not rounded
 # general.file_type (gguf LlamaFileType) of the type most 2-D tensors get.
-_FILE_TYPE = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
+_FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
 _GGUF_ARCH = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}  # HF model_type -> GGUF architecture
 
 
@@ -74,9 +76,10 @@ def export_apr_to_gguf(
     """Write `dst` (.gguf) from the llama / qwen2 model `src` (.apr) as llama.cpp's converter would.
 
     `outtype` auto keeps each tensor's float type (f32 / f16 / bf16; q4_k / q6_k blocks raw), so
-    nothing is rounded; f32 / f16 / bf16 / q8_0 convert 2-D tensors. 1-D tensors (norms, biases)
-    are F32 in every case, as llama.cpp writes them. APR q4 / q8 tensors are dequantized (listed
-    in the report). A tied model's lm_head copy is left out (llama.cpp ties by its absence).
+    nothing is rounded (APR q4 matrices become GGML Q4_0 blocks holding the same values);
+    f32 / f16 / bf16 / q8_0 convert 2-D tensors. 1-D tensors (norms, biases) are F32 in every
+    case, as llama.cpp writes them. Other APR q4 / q8 tensors are dequantized (listed in the
+    report). A tied model's lm_head copy is left out (llama.cpp ties by its absence).
 
     Raises:
         InvalidArgument, OutputExists, UnsupportedArchitecture, MissingTensor, ShapeMismatch,
@@ -156,7 +159,7 @@ def _plan(apr: AprFile, family: Family, report: GgufExportReport, outtype: str) 
             raise ShapeMismatch(src, f"tensor {name!r} has shape {list(info.shape)}, the metadata needs {list(expected[name])}")
         key = permute_heads_key(name) if family.gguf_qk_permuted else None
         ggml = _ggml_type(info.dtype, info.shape, outtype, src, name)
-        if info.dtype in _APR_BLOCKS or (info.dtype in _RAW_GGML and ggml != _RAW_GGML[info.dtype]):
+        if (info.dtype in _APR_BLOCKS and ggml != _Q4_0) or (info.dtype in _RAW_GGML and ggml != _RAW_GGML[info.dtype]):
             report.dequantized.append(name)
         if ggml == "F16" and outtype == "q8_0" and len(info.shape) > 1:
             report.warnings.append(f"{name}: rows of {info.shape[-1]} values are not whole Q8_0 blocks of 32; written F16")
@@ -169,6 +172,8 @@ def _ggml_type(dtype: str, shape: tuple[int, ...], outtype: str, src: str, name:
         raise UnsupportedFeature(src, f"tensor {name!r} is {dtype}: a model weight must be a float or quantized type")
     if outtype == "auto" and dtype in _RAW_GGML:
         return _RAW_GGML[dtype]
+    if outtype == "auto" and dtype == "q4" and len(shape) > 1 and shape[-1] % 32 == 0:
+        return _Q4_0
     if len(shape) <= 1:
         return "F32"  # llama.cpp keeps norms and biases in F32 whatever the file type
     if outtype == "auto":
@@ -274,6 +279,8 @@ def _tensor(gguf: Any, apr: AprFile, stream: AprStream, p: _Planned) -> np.ndarr
     if p.ggml == _RAW_GGML.get(info.dtype):
         data = np.frombuffer(stream.stream(p.source), dtype=np.uint8).reshape(rows, -1)
         return _permuted(data, p.heads)
+    if p.ggml == _Q4_0:  # rows are whole blocks (checked in the plan), so they permute as rows
+        return np.ascontiguousarray(_permuted(q4_to_ggml_q4_0(stream.stream(p.source), info.numel).reshape(rows, -1), p.heads))
     if info.dtype in _APR_BLOCKS:
         values, kind = apr.to_float32(p.source), "f32"
     elif info.dtype in _RAW_GGML:

@@ -198,14 +198,33 @@ def test_bf16_model_exports_losslessly_under_auto(hf_qwen2_bf16, tmp_path):
                 assert np.array_equal(data.reshape(-1), f.to_float32(hf).reshape(-1)), hf
 
 
-def test_quantized_source_is_dequantized_with_a_note(hf_llama, tmp_path):
-    convert_hf_to_apr(hf_llama, tmp_path / "q.apr", quantize="q4")
-    result = run_apr("export", tmp_path / "q.apr", "-o", tmp_path / "q.gguf", check=True)
-    assert "note: dequantized 16 quantized tensors (GGUF has no APR q4/q8 blocks)" in result.stdout
+@pytest.mark.parametrize("kind,outtype,ggml", [("q8", "auto", "F32"), ("q4", "f16", "F16"), ("q4", "auto", "Q4_0")])
+def test_quantized_source(hf_llama, kind, outtype, ggml, tmp_path):
+    """q8 (and q4 under a float --outtype) is dequantized with a note; q4 under auto moves into
+    GGML Q4_0 blocks that decode to exactly the same values."""
+    convert_hf_to_apr(hf_llama, tmp_path / "q.apr", quantize=kind)
+    result = run_apr("export", tmp_path / "q.apr", "-o", tmp_path / "q.gguf", "--outtype", outtype, check=True)
+    assert ("note: dequantized 16 quantized tensors" in result.stdout) is (ggml != "Q4_0")
     assert "warning: no tokenizer.json in the .apr" in result.stdout
+    tensors = _gguf_tensors(tmp_path / "q.gguf")
+    with open_apr(tmp_path / "q.apr") as f:
+        cfg = f.metadata
+        for name in cfg["quantized_tensors"]:
+            if name == "lm_head.weight" and "output.weight" not in tensors:
+                continue
+            kind_found, data = tensors[gguf_name(name)]
+            assert kind_found == ggml, name
+            values = gguf.quants.dequantize(data, Q[ggml]).reshape(f.info(name).shape)
+            expected = f.to_float32(name)
+            heads = {"q_proj": cfg["num_heads"], "k_proj": cfg["num_kv_heads"]}.get(name.split(".")[-2])
+            if heads:
+                expected = llama_permute(expected, heads)
+            if ggml == "F16":
+                expected = expected.astype(np.float16).astype(np.float32)
+            assert np.array_equal(values, expected), name
     ours = _logits(DecoderLM.from_apr(tmp_path / "q.apr", dtype=torch.float32).eval(), _ids() % 320)
     theirs = _logits(_load_gguf(tmp_path / "q.gguf"), _ids() % 320)
-    assert (theirs - ours).abs().max().item() < 1e-4  # the dequantized values exactly, in F32
+    assert (theirs - ours).abs().max().item() < (1e-4 if ggml != "F16" else 1e-2)
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(apr_model, hf_bert, tmp_path):
