@@ -29,7 +29,7 @@ from .gguf_names import (
 from .gguf_tokenizer import tokenizer_files
 from .hf_to_apr import ConversionReport, Progress
 from .metadata import apr_metadata
-from .quantize import QuantReport, check_kind, quantization_metadata, quantizes
+from .quantize import QuantReport, check_kind, quantizes
 from .destination import check_destination
 
 OUT_DTYPES = ("bf16", "f16", "f32")
@@ -129,11 +129,9 @@ def convert_gguf(
     kept = [e for e in entries if e.dtype in KEEP_RAW.values()]
     if kept:
         metadata["quantization"] = _quantization(kept)
-    quant = QuantReport(quantize) if quantize else None
+    quant = QuantReport.for_plan(quantize, [(e.name, e.dtype) for e in entries])
     if quant is not None:
-        quant.quantized = [e.name for e in entries if e.dtype == quantize]
-        quant.kept_float = [e.name for e in entries if e.dtype != quantize]
-        metadata.update(quantization_metadata(quantize, quant.quantized))
+        metadata.update(quant.metadata())
     with AprWriter(dst, metadata, flags=flags) as writer:
         for entry in entries:
             writer.add(entry.name, _loader(entry, progress, total_size, quant, src), dtype=entry.dtype, shape=entry.shape)

@@ -16,7 +16,7 @@ from .dtype_cast import FLOAT_DTYPES, ITEMSIZE, cast_chunks
 from .families import Family, expected_tensors, family_of, is_tied, map_config
 from .hf_source import HfSource, SourceTensor, open_hf_source, read_config
 from .metadata import HF_INDEX, SOURCE_METADATA, apr_metadata
-from .quantize import QuantReport, check_kind, quantization_metadata, quantizes
+from .quantize import QuantReport, check_kind, quantizes
 from .destination import check_destination
 
 TARGET_DTYPES = ("f32", "f16", "bf16")
@@ -97,7 +97,7 @@ def convert_hf_to_apr(
         family = family_of(config.get("model_type")) if config else None
         extra = _validate(source, config, family) if family else []
         plan = _plan(source, family, config, dtype, lm_head_copy, quantize)
-        quant = QuantReport(quantize) if quantize else None
+        quant = QuantReport.for_plan(quantize, [(p.name, p.dtype) for p in plan])
         if dtype is not None and config is not None and any(p.dtype not in (p.source.dtype, quantize) for p in plan):
             config, config_text = _with_dtype(config, dtype), None
         param_count = sum(t.numel for t in source.tensors.values())
@@ -112,9 +112,7 @@ def convert_hf_to_apr(
         if source.index is not None:
             meta[HF_INDEX] = {"metadata": source.index["metadata"], "weight_map": source.index["weight_map"]}
         if quant is not None:
-            quant.quantized = [p.name for p in plan if p.dtype == quantize]
-            quant.kept_float = [p.name for p in plan if p.dtype != quantize]
-            meta.update(quantization_metadata(quantize, quant.quantized))
+            meta.update(quant.metadata())
         writer = AprWriter(dst, meta, compression=compression, flags=flags)
         for p in plan:
             writer.add(p.name, _producer(source, p, progress, total_size, quant), dtype=p.dtype, shape=p.source.shape)

@@ -40,11 +40,6 @@ def quantizes(name: str, numel: int) -> bool:
     return numel >= MIN_ELEMENTS and not any(pattern in name for pattern in KEEP_FLOAT_PATTERNS)
 
 
-def quantization_metadata(kind: str, names: Iterable[str]) -> dict[str, Any]:
-    """The metadata keys saying the file is quantized and which tensors are."""
-    return {"quantization": dict(_SPEC[kind]), QUANTIZED_TENSORS: sorted(names)}
-
-
 @dataclass
 class TensorError:
     """How far one quantized tensor is from the float values it was made from."""
@@ -63,6 +58,19 @@ class QuantReport:
     errors: dict[str, TensorError] = field(default_factory=dict)
     _sq_error: float = 0.0
     _sq_norm: float = 0.0
+
+    @classmethod
+    def for_plan(cls, kind: str | None, planned: Iterable[tuple[str, str]]) -> "QuantReport | None":
+        """The report of a conversion whose planned (name, output dtype) pairs are `planned`; None
+        when nothing is quantized (`kind` None)."""
+        if kind is None:
+            return None
+        planned = list(planned)
+        return cls(kind, [n for n, d in planned if d == kind], [n for n, d in planned if d != kind])
+
+    def metadata(self) -> dict[str, Any]:
+        """The metadata keys saying the file is quantized and which tensors are."""
+        return {"quantization": dict(_SPEC[self.kind]), QUANTIZED_TENSORS: sorted(self.quantized)}
 
     def pack(self, name: str, values: np.ndarray, where: str | None = None) -> bytes:
         """The packed bytes of `values`; records the tensor's error after a dequantizing check."""
