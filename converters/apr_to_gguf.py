@@ -89,7 +89,10 @@ def export_apr_to_gguf(
     if outtype not in OUTTYPES:
         raise InvalidArgument(dst, f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     check_destination(src, dst, force)
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise UnsupportedFeature(dst, "GGUF export needs the 'gguf' package: pip install 'apr-toolkit[gguf]'") from None
 
     with open_apr(src) as apr:
         meta = apr.metadata
@@ -263,7 +266,8 @@ def _add_value(writer: Any, gguf: Any, key: str, value: Any) -> None:
 
 
 def _info(gguf: Any, p: _Planned) -> tuple[tuple[int, ...], np.dtype, int, Any]:
-    """add_tensor_info arguments: (shape, numpy dtype, bytes, GGML type)."""
+    """add_tensor_info arguments: (shape, numpy dtype, bytes, GGML type). With a GGML type given and
+    a numpy dtype other than uint8, gguf-py takes the shape as the logical one (the dtype is unused)."""
     return p.shape, np.dtype(np.float32), _nbytes(gguf, p), gguf.GGMLQuantizationType[p.ggml]
 
 
