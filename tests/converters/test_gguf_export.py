@@ -242,3 +242,19 @@ def test_bad_input_is_one_line_and_leaves_nothing(apr_model, hf_bert, tmp_path):
     encoder = run_apr("export", tmp_path / "bert.apr", "-o", out)
     assert encoder.returncode == 2 and encoder.stderr.startswith("apr: error: ") and encoder.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.apr"]
+
+
+def test_kept_k_quant_blocks_go_back_to_gguf_unchanged(tmp_path):
+    """GGUF (Q4_K / Q6_K) -> APR --keep-quant -> GGUF auto: every tensor's bytes as in the source,
+    llama q/k rows permuted back as whole rows of blocks."""
+    from test_gguf import write_k_quant_gguf
+
+    raw = write_k_quant_gguf(tmp_path / "k.gguf")
+    convert_gguf(tmp_path / "k.gguf", tmp_path / "k.apr", keep_quant=True, dtype="f32")
+    report = export_apr_to_gguf(tmp_path / "k.apr", tmp_path / "back.gguf")
+    assert report.types == {"F32": 3, "Q4_K": 7, "Q6_K": 2} and report.dequantized == []
+    source, back = _gguf_tensors(tmp_path / "k.gguf"), _gguf_tensors(tmp_path / "back.gguf")
+    assert sorted(source) == sorted(back)
+    for name, (kind, data) in source.items():
+        assert back[name][0] == kind and back[name][1].tobytes() == data.tobytes(), name
+    assert all(back[name][1].tobytes() == blocks.tobytes() for name, blocks in raw.items())
