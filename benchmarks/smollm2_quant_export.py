@@ -86,14 +86,12 @@ def quantization(gguf: Path, work: Path, seq_len: int, max_windows: int | None) 
     return figures
 
 
-def gguf_export(gguf: Path, work: Path) -> dict:
-    """Greedy tokens of transformers on f16 / bf16 GGUF exports against transformers on the HF export."""
+def gguf_export(apr: Path, folder: Path, work: Path) -> dict:
+    """Greedy tokens of transformers on f16 / bf16 GGUF exports of `apr` against transformers on
+    `folder`, its HF export."""
     import torch
     import transformers
 
-    apr = work / "bf16.apr"
-    proof.convert(gguf, apr)
-    folder = proof.export(apr, work / "bf16-hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(proof.PROMPT, return_tensors="pt").input_ids
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -146,8 +144,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        figures = {"quantization": quantization(gguf, work, args.seq_len, args.max_windows),
-                   "export": gguf_export(gguf, work)}
+        figures = {"quantization": quantization(gguf, work, args.seq_len, args.max_windows)}
+        proof.convert(gguf, work / "bf16.apr")
+        figures["export"] = gguf_export(work / "bf16.apr", proof.export(work / "bf16.apr", work / "bf16-hf"), work)
     print(json.dumps(figures, indent=2) if args.json else render(figures))
     return 0
 

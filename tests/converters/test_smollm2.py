@@ -72,7 +72,8 @@ def test_q8_and_q4_keep_the_perplexity_close(smollm2, tmp_path):
 
 
 def test_f16_and_bf16_gguf_exports_generate_the_same_16_tokens(smollm2, tmp_path):
-    figures = quant_export.gguf_export(smollm2[0], tmp_path)
+    _, apr, folder, _ = smollm2
+    figures = quant_export.gguf_export(apr, folder, tmp_path)
     assert figures["reference_text"].startswith(" Paris")
     assert figures["bf16"]["same_tokens"] and figures["bf16"]["max_logits_diff"] == 0.0  # lossless
     assert figures["f16"]["same_tokens"], figures["f16"]["text"]
