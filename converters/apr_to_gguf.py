@@ -12,14 +12,16 @@ import numpy as np
 
 from apr_format import AprFile, open_apr
 from apr_format.atomic import replacing
+from apr_format.destination import check_output_file
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch, UnsupportedArchitecture, UnsupportedFeature
+from apr_format.families import (
+    CONFIG_KEYS, FAMILIES, FLOAT_KEYS, GGUF_CONFIG_KEYS, Family, dimensions, expected_tensors, family_of,
+    hf_to_gguf_name, permute_heads_key,
+)
 from apr_format.quants import q4_to_ggml_q4_0
 
 from .apr_to_hf import Progress, tied_head_copy
-from .destination import check_destination
 from .dtype_cast import cast, to_float
-from .families import CONFIG_KEYS, FLOAT_KEYS, Family, dimensions, expected_tensors, family_of
-from .gguf_names import GGUF_ARCHITECTURES, GGUF_CONFIG_KEYS, gguf_name, permute_heads_key
 from .mapped import AprStream
 from .metadata import HF_CONFIG, HF_FILES
 from .tokenizer_to_gguf import GgufVocab, gguf_vocab
@@ -32,7 +34,7 @@ _APR_BLOCKS = ("q4", "q8")  # aprender's own blocks: dequantized, except q4 rows
 _Q4_0 = "Q4_0"  # APR q4 is GGML Q4_0 with its nibbles in another order: moved, not rounded
 # general.file_type (gguf LlamaFileType) of the type most 2-D tensors get.
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
-_GGUF_ARCH = {hf: arch for arch, hf in GGUF_ARCHITECTURES.items()}  # HF model_type -> GGUF architecture
+_GGUF_ARCH = {f.name: f.gguf_architecture for f in FAMILIES.values() if f.gguf_architecture}  # family -> GGUF arch
 
 
 @dataclass
@@ -88,7 +90,7 @@ def export_apr_to_gguf(
     src, dst = os.fspath(src), os.fspath(dst)
     if outtype not in OUTTYPES:
         raise InvalidArgument(dst, f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
-    check_destination(src, dst, force)
+    check_output_file(dst, force, src=src, example="model.gguf")
     try:
         import gguf
     except ImportError:
@@ -155,7 +157,7 @@ def _plan(apr: AprFile, family: Family, report: GgufExportReport, outtype: str) 
     plan = []
     for name in names:
         info = apr.info(name)
-        target = gguf_name(name)
+        target = hf_to_gguf_name(name)
         if target is None:
             raise UnsupportedArchitecture(src, f"tensor {name!r} has no GGUF name (not part of a {family.name} model)")
         if name in expected and info.shape != expected[name]:

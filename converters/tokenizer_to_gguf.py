@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apr_format.errors import UnsupportedFeature
+from apr_format.families import GGUF_TOKEN_ID_KEYS
 
-from .gguf_names import GGUF_TOKEN_ID_KEYS
 from .gguf_tokenizer import BYTE_LEVEL_PRE, CONTROL, NORMAL, UNUSED, USER_DEFINED, BytePre
 from .metadata import token_text
 

@@ -14,11 +14,11 @@ import transformers
 from tokenizers import Tokenizer
 
 from apr_converters.apr_to_gguf import export_apr_to_gguf
-from apr_converters.gguf_names import gguf_name
 from apr_converters.gguf_to_apr import convert_gguf, read_metadata
 from apr_converters.hf_to_apr import convert_hf_to_apr
 from apr_format import open_apr
 from apr_format.errors import InvalidArgument, UnsupportedArchitecture
+from apr_format.families import hf_to_gguf_name as gguf_name
 from apr_testing import FIXTURES, build_hf_checkpoint, llama_permute, run_apr
 from apr_trainer.model import DecoderLM
 
