@@ -278,3 +278,9 @@ def mixed_text_folder(root: Path) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     return root
+
+
+def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py): HF rotate-half q/k rows -> GGML adjacent pairs."""
+    grouped = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(weights.shape)
