@@ -6,11 +6,12 @@ from .constants import DTYPE_BY_NAME, DTYPES, Flag
 from .errors import AprError
 from .header import Header
 from .init_tensors import load_init_tensors
+from .integrity import StreamingVerifier
 from .reader import AprFile, TensorInfo, open_apr
 from .writer import AprWriter, save_apr
 
 __all__ = [
     "AprError", "AprFile", "AprWriter", "ArchitectureConfig", "DTYPES", "DTYPE_BY_NAME", "Flag", "Header",
-    "SUPPORTED_FAMILIES", "TensorInfo", "errors", "load_init_tensors", "open_apr", "read_architecture", "save_apr",
+    "SUPPORTED_FAMILIES", "StreamingVerifier", "TensorInfo", "errors", "load_init_tensors", "open_apr", "read_architecture", "save_apr",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,9 @@ class AprError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
 
+    def __str__(self) -> str:  # KeyError / OSError bases would otherwise quote or reformat the message
+        return str(self.args[0]) if self.args else ""
+
 
 class BadMagic(AprError):
     """The file does not start with "APR\\0"."""
@@ -32,6 +35,10 @@ class HeaderChecksum(AprError):
 
 class FooterChecksum(AprError):
     """Footer CRC-32 of the whole file does not match."""
+
+
+class NonFiniteWeights(AprError):
+    """Weights hold NaN or Inf where finite values are required (e.g. `--init`)."""
 
 
 class Truncated(AprError):
@@ -62,8 +69,8 @@ class UnsupportedArchitecture(AprError):
     """A model family we cannot build or train."""
 
 
-class MissingTensor(AprError):
-    """A tensor the architecture needs is absent."""
+class MissingTensor(AprError, KeyError):
+    """A tensor the architecture needs, or a name asked of `AprFile[...]`, is absent (also a KeyError)."""
 
 
 class ShapeMismatch(AprError):
@@ -88,3 +95,31 @@ class CorruptSource(AprError):
 
 class InvalidArgument(AprError):
     """Arguments that contradict each other or the input."""
+
+
+class FileMissing(AprError, FileNotFoundError):
+    """The path does not exist (also a FileNotFoundError)."""
+
+
+class NotAFile(AprError, IsADirectoryError):
+    """A folder where a file was expected (also an IsADirectoryError)."""
+
+
+class Unreadable(AprError, PermissionError):
+    """The file exists but cannot be read: permissions or an I/O error (also an OSError)."""
+
+
+def from_os_error(path: str | os.PathLike, exc: OSError) -> AprError:
+    """The AprError subclass for an OSError met while opening `path` (errno and filename kept).
+
+    Returns:
+        FileMissing, NotAFile or Unreadable, ready to raise.
+    """
+    if isinstance(exc, FileNotFoundError):
+        error: AprError = FileMissing(path, "no such file or folder")
+    elif isinstance(exc, IsADirectoryError):
+        error = NotAFile(path, "is a folder, expected a file")
+    else:
+        error = Unreadable(path, f"cannot be read: {exc.strerror or exc}")
+    error.errno, error.strerror, error.filename = exc.errno, exc.strerror, error.path  # type: ignore[attr-defined]
+    return error

@@ -17,6 +17,7 @@ from .errors import (
 )
 from .fileio import CHUNK, crc32
 from .header import unpack_header
+from .integrity import footer_mismatch
 from .reader import AprFile, open_apr
 from .writer import pad64
 
@@ -124,7 +125,7 @@ def validate_file(path: str | os.PathLike) -> ValidationReport:
             report.add("tensor bounds", True, "every tensor lies inside the data section, no overlaps")
             _check_layout(report, apr, fh)
             _check_alignment(report, apr)
-            crc, counts = _read_pass(fh, apr)
+            crc, counts = checksum_pass(fh, apr)
             _check_footer(report, apr, fh, crc)
             _check_data(report, apr, counts)
     return report
@@ -207,10 +208,13 @@ def _check_alignment(report: ValidationReport, apr: AprFile) -> None:
     )
 
 
-def _read_pass(fh: BinaryIO, apr: AprFile) -> tuple[int, dict[str, tuple[int, int]]]:
-    """One sequential read of the file through a CHUNK-sized buffer (flat memory, nothing mapped):
-    the CRC-32 of every byte before the footer and, from the same bytes, the (NaN, Inf) counts of
-    every f16/bf16/f32/f64 tensor of an uncompressed file."""
+def checksum_pass(fh: BinaryIO, apr: AprFile) -> tuple[int, dict[str, tuple[int, int]]]:
+    """One sequential read of the file through a CHUNK-sized buffer (flat memory, nothing mapped).
+
+    Returns:
+        The CRC-32 of every byte before the footer and, from the same bytes, name -> (NaN, Inf)
+        counts of every f16/bf16/f32/f64 tensor of an uncompressed file (others are absent).
+    """
     body = apr.file_size - FOOTER_SIZE
     base = apr.header.data_offset
     scan = not apr.header.flags & Flag.ZSTD
@@ -255,7 +259,7 @@ def _check_footer(report: ValidationReport, apr: AprFile, fh: BinaryIO, crc: int
     fh.seek(apr.file_size - FOOTER_SIZE)
     (stored,) = struct.unpack("<I", fh.read(FOOTER_SIZE).rjust(FOOTER_SIZE, b"\0"))
     if crc != stored:  # the reader's wording (AprFile.verify)
-        report.add("footer checksum", False, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
+        report.add("footer checksum", False, footer_mismatch(stored, crc, apr.trailing_bytes))
     else:
         report.add("footer checksum", True, "CRC-32 of the whole file matches")
 

@@ -14,10 +14,12 @@ import numpy as np
 
 from apr_format import AprFile, open_apr
 from apr_format.constants import MAGIC, MAGIC_V1
+from apr_format.integrity import StreamingVerifier
 
 from .dtype_cast import ITEMSIZE, to_float
 from .families import FAMILIES, Family, family_of, is_tied, map_config
 from .hf_source import HfSource, open_hf_source
+from .apr_to_hf import NO_VERIFY_HINT
 from .mapped import CHUNK_BYTES, AprStream, equal_chunks
 
 # Keys that say where and when a file was made, not what it holds: reported, never counted.
@@ -102,13 +104,13 @@ class DiffResult:
 class _Side:
     """One checkpoint behind a common face: metadata, tensor infos, bytes and float values."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, verify: bool) -> None:
         self.path = path
         self.apr: AprFile | None = None
         self.hf: HfSource | None = None
         if _is_apr(path):
             self.apr = open_apr(path)
-            self.stream = AprStream(self.apr)
+            self.stream = AprStream(self.apr, StreamingVerifier(self.apr, NO_VERIFY_HINT) if verify else None)
             self.kind = "apr"
             self.infos = {t.name: (t.dtype, t.shape) for t in self.apr.tensors()}
         else:
@@ -162,22 +164,38 @@ class _Side:
         for chunk in self.chunks(name, _CHUNK_VALUES * ITEMSIZE[dtype]):
             yield to_float(chunk, dtype, "<f8")
 
+    def finish(self) -> None:
+        """Check the footer CRC-32 of an .apr side, from the bytes compared (and the rest)."""
+        if self.apr is not None and self.stream.verifier is not None:
+            self.stream.verifier.finish()
+
     def close(self) -> None:
         if self.apr is not None:
             self.stream.close()
+            if self.stream.verifier is not None:
+                self.stream.verifier.close()
         (self.apr if self.apr is not None else self.hf).close()
 
 
-def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, progress: Progress | None = None) -> DiffResult:
+def diff_checkpoints(
+    a: str | os.PathLike, b: str | os.PathLike, *, progress: Progress | None = None, verify: bool = True
+) -> DiffResult:
     """Compare checkpoints `a` and `b` (.apr, .safetensors or HF folder, any combination).
 
+    The footer CRC-32 of an .apr side is computed from the bytes compared (no second pass) unless
+    `verify` is False: a corrupt file is an error, never "different" or "identical".
+
+    Returns:
+        A DiffResult (`identical`, `difference_count`, per-tensor figures, `to_dict()`).
+
     Raises:
+        FooterChecksum: an .apr side is corrupt.
         AprError subclasses for unreadable inputs.
     """
     a, b = os.fspath(a), os.fspath(b)
-    side_a = _Side(a)
+    side_a = _Side(a, verify)
     try:
-        side_b = _Side(b)
+        side_b = _Side(b, verify)
     except BaseException:
         side_a.close()
         raise
@@ -191,6 +209,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, progress: Pr
             result.tensors.append(_compare_tensor(side_a, side_b, name))
             if progress is not None:
                 progress(name, side_a.nbytes(name), total)
+        side_a.finish()
+        side_b.finish()
         return result
     finally:
         side_a.close()
