@@ -6,7 +6,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,13 +63,17 @@ class AprWriter:
         *,
         compression: str | None = None,
         flags: int = 0,
+        before_publish: Callable[[], None] | None = None,
     ) -> None:
+        """`before_publish` runs once every byte is written, before the file takes the destination's
+        place: raising there (e.g. the source's checksum did not match) leaves the destination as it was."""
         if compression not in (None, "zstd"):
             raise InvalidArgument(path, f"unknown compression {compression!r} (choose zstd or none)")
         self.path = os.fspath(path)
         self.metadata = dict(metadata or {})
         self.compression = compression
         self.flags = Flag(flags)
+        self.before_publish = before_publish
         self._planned: dict[str, _Planned] = {}
         self._closed = False
 
@@ -144,6 +148,8 @@ class AprWriter:
                 self._write_compressed(out, header, meta, entries, index_size)
             else:
                 self._write_plain(out, header, meta, entries)
+            if self.before_publish is not None:
+                self.before_publish()
 
     def _write_plain(self, out, header: Header, meta: bytes, entries: list[_Planned]) -> None:
         offsets, cursor = [], 0

@@ -93,7 +93,7 @@ def convert_hf_to_apr(
         extra = _validate(source, config, family) if family else []
         plan = _plan(source, family, config, dtype, lm_head_copy)
         if dtype is not None and config is not None and any(p.dtype != p.source.dtype for p in plan):
-            config, config_text = _with_dtype(config, dtype), None
+            config, config_text = with_dtype(config, dtype), None
         param_count = sum(t.numel for t in source.tensors.values())
         total_size = sum(p.nbytes for p in plan)
         meta, flags = apr_metadata(
@@ -181,7 +181,7 @@ def _producer(source: HfSource, p: _Planned, progress: Progress | None, total: i
     return produce
 
 
-def _with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
+def with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The config with its dtype entry (transformers 4: torch_dtype, 5: dtype) set to `dtype`."""
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     return {**config, **{k: _TORCH_NAMES[dtype] for k in keys}}
