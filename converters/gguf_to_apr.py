@@ -101,7 +101,7 @@ def convert_gguf(
             src, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
         )
     family = get_family(GGUF_ARCHITECTURES[arch], src)
-    tensors, skipped = _map_tensors(reader, src)
+    tensors, skipped = map_tensors(reader, src)
     config = hf_config(meta, arch, tensors, src)
     warnings = [f"{name} dropped: llama3-style rope scaling is not supported, plain RoPE is used"
                 for name in skipped if name.startswith("rope_freqs")]
@@ -112,7 +112,7 @@ def convert_gguf(
             src, f"tokenizer has {tok.vocab_size} tokens, more than the model's {config['vocab_size']} rows"
         )
     tied = config["tie_word_embeddings"]
-    entries = _plan(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src)
+    entries = plan_tensors(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src)
     floats = sorted(entries, key=lambda e: e.name != _EMBED)  # the embedding's dtype names the model's
     config["torch_dtype"] = _HF_DTYPE[next((e.dtype for e in floats if e.dtype in _HF_DTYPE), "f32")]
     choices = _dtype_choices(entries, dtype, keep_quant)  # before the head copy: one line per GGUF tensor
@@ -292,7 +292,7 @@ def read_metadata(reader: Any, src: str) -> dict[str, Any]:
     return out
 
 
-def _map_tensors(reader: Any, src: str) -> tuple[dict[str, Any], list[str]]:
+def map_tensors(reader: Any, src: str) -> tuple[dict[str, Any], list[str]]:
     """HF name -> GGUF tensor, and the GGUF names skipped on purpose.
 
     Raises:
@@ -400,7 +400,7 @@ def _quantization(kept: list[_Entry]) -> dict[str, Any]:
 
 
 # -- planning and loading ----------------------------------------------------------------------
-def _plan(
+def plan_tensors(
     tensors: dict[str, Any], config: dict, family: str, permuted: bool, dtype: str, keep_quant: bool, src: str
 ) -> list[_Entry]:
     """One entry per HF tensor with its output dtype; names and shapes checked against the family.
@@ -459,7 +459,7 @@ def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[]
     """Zero-argument producer of one output tensor (called once, while the writer streams)."""
 
     def load() -> np.ndarray:
-        result = _convert(entry)
+        result = convert_tensor(entry)
         if progress is not None:
             progress(entry.name, _nbytes(entry), total)
         return result
@@ -467,7 +467,7 @@ def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[]
     return load
 
 
-def _convert(entry: _Entry) -> np.ndarray:
+def convert_tensor(entry: _Entry) -> np.ndarray:
     """The output bytes of one tensor, dequantized a block of rows at a time (bounded memory).
 
     Every GGML type quantizes rows independently, so llama.cpp's q/k row permutation is undone

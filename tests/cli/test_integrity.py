@@ -81,7 +81,7 @@ def test_header_only_commands_say_the_checksum_was_not_verified(tmp_path):
         doc = run_apr_json(command, appended)
         assert doc["checksum"] == "not verified" and doc["trailing_bytes"] == 1000
     human = run_apr("inspect", appended, check=True).stdout
-    assert "1000 bytes after the data section" in human and "not verified" in human
+    assert "1,000 bytes after the data section" in human and "not verified" in human
 
 
 def test_streaming_verifier_matches_verify_whatever_the_read_order(tmp_path):
