@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from apr_format import AprFile, open_apr
-from apr_format.constants import MAGIC, MAGIC_V1
 from apr_format.integrity import StreamingVerifier
+from apr_format.sniff import identify
 
 from .dtype_cast import ITEMSIZE, to_float
 from .families import FAMILIES, Family, family_of, is_tied, map_config
+from .gguf_source import GgufValues
 from .hf_source import HfSource, open_hf_source
 from .apr_to_hf import NO_VERIFY_HINT
 from .mapped import CHUNK_BYTES, AprStream, equal_chunks
@@ -108,7 +109,13 @@ class _Side:
         self.path = path
         self.apr: AprFile | None = None
         self.hf: HfSource | None = None
-        if _is_apr(path):
+        self.gguf: GgufValues | None = None
+        kind = identify(path)
+        if kind == "gguf":
+            self.gguf = GgufValues(path)
+            self.kind = "gguf"
+            self.infos = dict(self.gguf.infos)
+        elif kind in ("apr", "apr-v1"):  # open_apr names a v1 file
             self.apr = open_apr(path)
             self.stream = AprStream(self.apr, StreamingVerifier(self.apr, NO_VERIFY_HINT) if verify else None)
             self.kind = "apr"
@@ -120,6 +127,8 @@ class _Side:
 
     @property
     def metadata(self) -> dict[str, Any]:
+        if self.gguf is not None:
+            return dict(self.gguf.config)
         return dict(self.apr.metadata) if self.apr is not None else dict(self.hf.config or {})
 
     def family(self) -> Family:
@@ -150,14 +159,22 @@ class _Side:
         return out
 
     def nbytes(self, name: str) -> int:
+        if self.gguf is not None:
+            return self.gguf.nbytes(name)
         return self.apr.info(name).nbytes if self.apr is not None else self.hf.tensors[name].nbytes
 
     def chunks(self, name: str, step: int):
-        return (self.stream if self.apr is not None else self.hf).chunks(name, step)
+        source = self.gguf if self.gguf is not None else self.stream if self.apr is not None else self.hf
+        return source.chunks(name, step)
 
     def float_chunks(self, name: str):
-        """Float64 chunks of the tensor's values (q4 / q8 dequantized whole)."""
+        """Float64 chunks of the tensor's values (q4 / q8 and GGUF blocks dequantized whole)."""
         dtype, _ = self.infos[name]
+        if self.gguf is not None:
+            dtype = self.gguf.output_dtype(name)
+            for chunk in self.gguf.chunks(name, _CHUNK_VALUES * ITEMSIZE[dtype]):
+                yield to_float(chunk, dtype, "<f8")
+            return
         if dtype in ("q4", "q8"):
             yield self.apr.to_float32(name).reshape(-1).astype(np.float64)
             return
@@ -174,7 +191,7 @@ class _Side:
             self.stream.close()
             if self.stream.verifier is not None:
                 self.stream.verifier.close()
-        (self.apr if self.apr is not None else self.hf).close()
+        (self.gguf or self.apr or self.hf).close()
 
 
 def diff_checkpoints(
@@ -325,9 +342,4 @@ def _short(value: Any) -> Any:
     return f"<{type(value).__name__} of {size}, sha256 {digest}>"
 
 
-def _is_apr(path: str) -> bool:
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4) in (MAGIC, MAGIC_V1)
 

@@ -76,8 +76,8 @@ class GgufValues:
         self.config = hf_config(meta, arch, tensors, self.path)
         entries = plan_tensors(tensors, self.config, family.name, family.gguf_qk_permuted, None, False, self.path)
         self._entries = {e.name: e for e in entries}
-        # dtype: what the bytes are (f32 / f16 / bf16), label: what the GGUF stores (q8_0 for a block type)
-        self.infos = {e.name: (_PLAIN.get(e.tensor.tensor_type.name, e.tensor.tensor_type.name.lower()), e.shape)
+        # the dtype as stored: f32 / f16 / bf16 for plain floats, the GGML type (Q8_0, Q4_K...) for blocks
+        self.infos = {e.name: (_PLAIN.get(e.tensor.tensor_type.name, e.tensor.tensor_type.name), e.shape)
                       for e in entries}
 
     def nbytes(self, name: str) -> int:

@@ -85,7 +85,7 @@ def add_bpe_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, n_vocab: int, pre: str
 def write_gguf(
     path: Path, model: torch.nn.Module, qtype: Q, *, tokenizer: Tokenizer | None = None,
     drop: tuple[str, ...] = (), arch: str | None = None, block_count: int | None = None,
-    extra: dict[str, np.ndarray] | None = None,
+    extra: dict[str, np.ndarray] | None = None, name: str | None = None,
 ) -> Path:
     """Write an HF Llama / Qwen2 model as llama.cpp would: GGUF names (gguf's own TensorNameMap),
     q/k rows permuted for llama, 1-D tensors in F32, 2-D tensors in `qtype`."""
@@ -93,6 +93,8 @@ def write_gguf(
     family = cfg.model_type
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch or family)
+    if name is not None:
+        w.add_name(name)
     w.add_block_count(block_count or cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -567,3 +569,53 @@ def test_mutated_headers_give_apr_errors_or_a_valid_file(hf_qwen2, tmp_path):
         except AprError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 50, outcomes
+
+
+# -- GGUF in inspect, tensors and diff, under any name ------------------------------------------
+def test_inspect_and_tensors_read_gguf_whatever_its_name(hf_llama, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "m.gguf", model, Q.Q8_0)
+    renamed = tmp_path / "weights.bin"
+    os.rename(src, renamed)
+    doc = run_apr_json("inspect", renamed)
+    assert (doc["format"], doc["architecture"], doc["num_layers"], doc["vocab_size"]) == ("gguf", "llama", 2, 320)
+    assert doc["metadata"]["general.architecture"] == "llama" and doc["checksum"] == "none in this format"
+    assert doc["total_params"] == sum(p.numel() for p in model.parameters())
+    assert set(doc["dtypes"]) == {"Q8_0", "F32"}
+    listing = run_apr_json("tensors", renamed)
+    reader = gguf.GGUFReader(renamed)
+    assert listing["count"] == len(reader.tensors)
+    by_name = {t["name"]: t for t in listing["tensors"]}
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert by_name["token_embd.weight"] == {"name": "token_embd.weight", "dtype": "Q8_0", "shape": [320, 64],
+                                            "nbytes": int(embd.n_bytes), "offset": int(embd.data_offset)}
+    names = [t["name"] for t in listing["tensors"]]
+    assert names.index("blk.0.attn_k.weight") < names.index("blk.1.attn_k.weight")
+    out = tmp_path / "m.apr"
+    run_apr("convert", renamed, "-o", out, check=True)
+    with open_apr(out) as f:
+        assert f.metadata["original_format"] == "gguf"
+
+
+def test_diff_compares_a_gguf_with_its_conversion(hf_llama, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "m.gguf", model, Q.Q8_0)
+    convert_gguf(src, tmp_path / "lossless.apr")
+    convert_gguf(src, tmp_path / "small.apr", dtype="bf16")
+    same = json.loads(run_apr("diff", src, tmp_path / "lossless.apr", "--json").stdout)
+    assert same["only_in_a"] == [] and same["only_in_b"] == []
+    assert all(t["max_abs_diff"] == 0.0 for t in same["tensors"]), same["tensors"]
+    rounded = json.loads(run_apr("diff", src, tmp_path / "small.apr", "--json").stdout)
+    down = next(t for t in rounded["tensors"] if t["name"] == "model.layers.0.mlp.down_proj.weight")
+    assert down["dtype"] == ["Q8_0", "bf16"] and down["max_abs_diff"] > 0
+
+
+def test_name_comes_from_general_name_not_the_file_name(hf_llama, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "smollm2-135m-instruct-q8_0.gguf", model, Q.Q8_0, name="SmolLM2 135M Instruct")
+    convert_gguf(src, tmp_path / "m.apr")
+    unnamed = write_gguf(tmp_path / "plain.gguf", model, Q.Q8_0)
+    convert_gguf(unnamed, tmp_path / "p.apr")
+    with open_apr(tmp_path / "m.apr") as f, open_apr(tmp_path / "p.apr") as g:
+        assert f.metadata["name"] == "SmolLM2 135M Instruct"
+        assert g.metadata["name"] == "plain"
