@@ -14,6 +14,7 @@ from .architecture import ArchitectureConfig, architecture_of
 from .constants import FOOTER_SIZE, Flag
 from .errors import FooterChecksum, InvalidArgument, MissingTensor, NonFiniteWeights, ShapeMismatch
 from .integrity import footer_mismatch
+from .validate import checksum_pass, count_nonfinite
 from .reader import AprFile, open_apr
 
 # Tensors some HF checkpoints carry that no model parameter corresponds to and that are
@@ -125,7 +126,8 @@ def load_init_tensors(
             tensor = stored.to(device=device, dtype=target_dtype or stored.dtype)
             result[name] = tensor.clone() if compressed and tensor.data_ptr() == stored.data_ptr() else tensor
             if name not in nonfinite:  # quantized or compressed: not scanned in the read pass
-                nonfinite[name] = _count_nonfinite(result[name])
+                info = f.info(name)
+                nonfinite[name] = count_nonfinite(f.raw(name), info.dtype, info.numel)
         _refuse_nonfinite(f.path, nonfinite)
         skipped = {"lm_head.weight"} if dropped_head else set()
         result.unused = tuple(n for n in f.keys() if n not in expected and n not in skipped)
@@ -145,7 +147,6 @@ def _check_bytes(f: AprFile, expected: dict[str, tuple[int, ...]]) -> dict[str, 
     Raises:
         FooterChecksum: the stored CRC does not match.
     """
-    from .validate import checksum_pass
 
     with open(f.path, "rb") as fh:
         crc, counts = checksum_pass(fh, f)
@@ -154,19 +155,6 @@ def _check_bytes(f: AprFile, expected: dict[str, tuple[int, ...]]) -> dict[str, 
     if crc != stored:
         raise FooterChecksum(f.path, footer_mismatch(stored, crc, f.trailing_bytes))
     return {name: count for name, count in counts.items() if name in expected}
-
-
-def _count_nonfinite(tensor) -> tuple[int, int]:
-    """(NaN, Inf) counts of a float torch tensor, a chunk at a time (bounded temporaries)."""
-    import torch
-
-    flat = tensor.reshape(-1)
-    nan = inf = 0
-    for start in range(0, flat.numel(), _COMPARE_CHUNK):
-        chunk = flat[start : start + _COMPARE_CHUNK]
-        nan += int(torch.isnan(chunk).sum())
-        inf += int(torch.isinf(chunk).sum())
-    return nan, inf
 
 
 def _refuse_nonfinite(path: str, counts: dict[str, tuple[int, int]]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 
 from .constants import MAGIC, MAGIC_V1
 from .errors import from_os_error
@@ -39,14 +38,13 @@ def identify(path: str | os.PathLike) -> str:
     try:
         with open(path, "rb") as fh:
             head = fh.read(SNIFF_BYTES)
-            size = os.fstat(fh.fileno()).st_size
     except OSError as exc:
         raise from_os_error(path, exc) from None
-    return identify_bytes(head, size)
+    return identify_bytes(head)
 
 
-def identify_bytes(head: bytes, size: int | None = None) -> str:
-    """The kind of file whose first bytes are `head` (`size`: the whole file's, when known)."""
+def identify_bytes(head: bytes) -> str:
+    """The kind of file whose first bytes are `head`."""
     if not head:
         return "empty"
     if head[:4] == MAGIC:
@@ -55,10 +53,8 @@ def identify_bytes(head: bytes, size: int | None = None) -> str:
         return "apr-v1"
     if head[:4] == b"GGUF":
         return "gguf"
-    if len(head) >= 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack_from("<Q", head)
-        if size is None or 8 + header_len <= size:
-            return "safetensors"
+    if len(head) >= 9 and head[8:9] == b"{" and head[:8] != b"        ":  # u64 header length, then JSON
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "pytorch-zip"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):

@@ -71,6 +71,7 @@ class ValidationReport:
     """Everything `validate_file` found; `failed` counts failing checks."""
 
     path: str
+    format: str = "apr"  # or "safetensors" / "hf" (converters.validate_hf)
     checks: list[Check] = field(default_factory=list)
     total_tensors: int = 0
     total_nan: int = 0
@@ -92,6 +93,7 @@ class ValidationReport:
         """JSON-ready form (the `apr validate --json` document)."""
         return {
             "path": self.path,
+            "format": self.format,
             "checks": [asdict(c) for c in self.checks],
             "failed": self.failed,
             "total_tensors": self.total_tensors,
@@ -287,7 +289,7 @@ def _check_data(report: ValidationReport, apr: AprFile, counts: dict[str, tuple[
                 continue
             if not scannable:
                 continue
-            nan, inf = _count_nonfinite(raw, info.dtype, info.numel)
+            nan, inf = count_nonfinite(raw, info.dtype, info.numel)
         scanned += 1
         if nan or inf:
             report.nonfinite.append(NonFinite(info.name, info.dtype, nan, inf))
@@ -312,7 +314,8 @@ def _check_data(report: ValidationReport, apr: AprFile, counts: dict[str, tuple[
     report.add("nan/inf", not report.nonfinite, detail)
 
 
-def _count_nonfinite(raw: memoryview, dtype: str, numel: int) -> tuple[int, int]:
+def count_nonfinite(raw: memoryview, dtype: str, numel: int) -> tuple[int, int]:
+    """(NaN, Inf) counts of `numel` values of `dtype` (f16/bf16/f32/f64 bits, q8, q4) in `raw`."""
     if dtype in _FLOAT_BITS:
         return _count_bits(raw, *_FLOAT_BITS[dtype], numel)
     if dtype == "q8":

@@ -173,7 +173,7 @@ def test_missing_file_and_directory_exit_2(command, tmp_path):
 
 @pytest.mark.parametrize("command", ["inspect", "tensors"])
 @pytest.mark.parametrize("name,words", [
-    ("bad-magic.apr", "not an APR file"), ("truncated.apr", "beyond the file's end"),
+    ("bad-magic.apr", "GGUF"), ("truncated.apr", "beyond the file's end"),
     ("legacy-v1-aprn.apr", "APR v1"), ("bad-header-checksum.apr", "header checksum"),
     ("column-major.apr", "LAYOUT_COLUMN_MAJOR"), ("huge-tensor-count.apr", "tensor_count 4294967295"),
 ])
