@@ -116,7 +116,7 @@ def from_os_error(path: str | os.PathLike, exc: OSError) -> AprError:
         FileMissing, NotAFile or Unreadable, ready to raise.
     """
     if isinstance(exc, FileNotFoundError):
-        error: AprError = FileMissing(path, "no such file or folder")
+        error: AprError = FileMissing(path, "No such file or directory")
     elif isinstance(exc, IsADirectoryError):
         error = NotAFile(path, "is a folder, expected a file")
     else:

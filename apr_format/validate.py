@@ -13,7 +13,7 @@ from . import quants
 from .constants import ALIGNMENT, DTYPE_BY_NAME, FOOTER_SIZE, HEADER_SIZE, Flag
 from .errors import (
     AprError, BadMagic, ColumnMajor, CorruptIndex, CorruptMetadata, HeaderChecksum, LegacyFormat,
-    Truncated, UnknownDType, UnsupportedFeature, UnsupportedVersion,
+    Truncated, UnknownDType, UnsupportedFeature, UnsupportedVersion, from_os_error,
 )
 from .fileio import CHUNK, crc32
 from .header import unpack_header
@@ -109,10 +109,14 @@ def validate_file(path: str | os.PathLike) -> ValidationReport:
     Checks that need a parsed file are skipped once parsing fails.
 
     Raises:
-        OSError: the file cannot be opened at all (missing, a directory, no permission).
+        FileMissing, NotAFile, Unreadable (AprError and OSError subclasses): the file cannot be opened.
     """
     report = ValidationReport(os.fspath(path))
-    with open(report.path, "rb") as fh:
+    try:
+        fh = open(report.path, "rb")
+    except OSError as exc:
+        raise from_os_error(report.path, exc) from None
+    with fh:
         if not _check_header(report, fh.read(HEADER_SIZE)):
             return report
         try:

@@ -53,19 +53,19 @@ def report_dict(report: Any) -> dict[str, Any]:
 @click.argument("src", metavar="SRC")
 @output_option("Output .apr file.", "FILE.apr")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default=None,
-              help="Cast float tensors. Default: lossless (source dtypes kept; GGUF quantized blocks "
-                   "dequantized to f32).", show_default="lossless")
+              help="Cast float tensors to this dtype (smaller, rounded).",
+              show_default="lossless: source dtypes kept, GGUF quantized blocks dequantized to f32")
 @click.option("--force", is_flag=True, help="Overwrite FILE.apr if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="config.json for a bare .safetensors file (or to override the folder's).")
 @click.option("--lm-head-copy/--no-lm-head-copy", "lm_head_copy", default=None,
-              help="Tied models: store lm_head.weight as a copy of the embedding (aprender wants it) or not. "
-                   "Default: added for HF/GGUF input, kept as it is for .apr input.", show_default="as above")
+              help="Tied models: store lm_head.weight as a copy of the embedding (aprender wants it), or not.",
+              show_default="added for HF/GGUF input, as it is for .apr input")
 @click.option("--keep-quant", is_flag=True, help="GGUF only: keep Q4_K / Q6_K blocks as APR q4_k / q6_k.")
 @click.option("--compress", type=click.Choice(["zstd", "none"]), default=None,
-              help="zstd is our extension (aprender cannot read it). Default: uncompressed, or as the .apr "
-                   "input is.", show_default="none")
+              help="Compress tensor data; zstd is our extension (aprender cannot read it).",
+              show_default="none; .apr input: as it is")
 @no_verify_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 def convert_cmd(

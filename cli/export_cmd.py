@@ -17,11 +17,11 @@ from .render import echo_json, human_bytes
 @click.argument("src", metavar="MODEL.apr")
 @output_option("Output folder (hf), or file / '-' for stdout (safetensors).", "OUT")
 @click.option("--format", "fmt", type=click.Choice(["hf", "safetensors"]), default=None,
-              help="hf folder, or one safetensors file (the default when OUT ends in .safetensors or is -).",
-              show_default="hf")
+              help="An hf folder, or one safetensors file.",
+              show_default="hf; safetensors when OUT ends in .safetensors or is -")
 @click.option("--max-shard-size", default=None, metavar="SIZE",
-              help="Split weights into shards of at most SIZE (e.g. 2GB, 500MB). "
-                   "Default: the source's own split when known, else 5GB.")
+              help="Split weights into shards of at most SIZE (e.g. 2GB, 500MB).",
+              show_default="the source's own split when known, else 5GB")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @no_verify_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
@@ -46,9 +46,9 @@ def export_cmd(
     if fmt == "hf" and output == "-":
         raise InvalidArgument(output, "an HF folder cannot go to stdout (use --format safetensors)")
     if fmt == "safetensors" and max_shard_size is not None:
-        raise InvalidArgument(output, "--max-shard-size applies to --format hf only")
+        raise InvalidArgument("--max-shard-size", "applies to --format hf only")
     if output == "-" and as_json:
-        raise InvalidArgument(output, "--json needs stdout, which -o - uses for the weights")
+        raise InvalidArgument("--json", "needs stdout, which -o - uses for the weights")
     if output == "-" and sys.stdout.isatty():
         raise InvalidArgument("-o -", "refusing to write binary safetensors to a terminal; redirect or pipe it")
     if no_verify:

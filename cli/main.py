@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -155,8 +156,9 @@ def _usage_subject(exc: click.UsageError, where: str) -> tuple[str, str]:
     if isinstance(exc, click.BadOptionUsage):
         problem = "needs a value" if "requires an argument" in exc.message else _lower_first(exc.message.rstrip("."))
         return exc.option_name, problem
-    if isinstance(exc, _NO_SUCH_COMMAND):
-        hint = f"; did you mean {' or '.join(exc.possibilities)}?" if exc.possibilities else ""
+    if isinstance(exc, _NO_SUCH_COMMAND):  # commands load lazily: click has no list to suggest from
+        close = difflib.get_close_matches(exc.command_name, COMMANDS)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return exc.command_name, f"no such command{hint}"
     return where, _lower_first(exc.format_message().rstrip("."))
 
@@ -175,7 +177,16 @@ def _lower_first(text: str) -> str:
 @click.group(cls=AprGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="apr-toolkit", prog_name="apr")
 def cli() -> None:
-    """Inspect, validate, convert and train .apr (APR v2) model checkpoints."""
+    """Inspect, validate, convert and train .apr (APR v2) model checkpoints.
+
+    \b
+    Examples:
+      apr convert Qwen2.5-0.5B/ -o qwen.apr
+      apr pretrain --init qwen.apr --data docs/ -o run
+      apr export run/final.apr -o hf-model/
+
+    Each command has its own help: apr COMMAND -h.
+    """
 
 
 def main() -> None:

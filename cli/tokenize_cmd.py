@@ -10,12 +10,13 @@ from apr_format.errors import InvalidArgument, OutputExists
 from apr_trainer.data import tokenize_corpus
 from apr_trainer.tokenization import load_tokenizer
 
+from .options import output_option
 from .render import echo_json, escape
 
 
 @click.command("tokenize")
 @click.argument("source", metavar="INPUT")
-@click.option("-o", "--out", "out", required=True, metavar="OUT.bin", help="Token file to write (+ OUT.bin.json).")
+@output_option("Token file to write (+ OUT.bin.json).", "OUT.bin", dest="out", hidden_aliases=("--out",))
 @click.option("--tokenizer", metavar="tokenizer.json", help="HF tokenizers file to use.")
 @click.option("--from", "from_apr", metavar="MODEL.apr", help="Use the tokenizer carried inside this .apr.")
 @click.option("--dtype", type=click.Choice(["auto", "uint16", "uint32"]), default="auto", show_default=True,
@@ -28,6 +29,11 @@ def tokenize_cmd(source: str, out: str, tokenizer: str | None, from_apr: str | N
 
     Each .txt file and each .jsonl line is a document; the tokenizer's end-of-text token follows
     every document. No BOS or template tokens are added.
+
+    \b
+    Examples:
+      apr tokenize docs/ --from model.apr -o docs.bin
+      apr tokenize corpus.jsonl --tokenizer tokenizer.json -o corpus.bin --dtype uint32
     """
     if (tokenizer is None) == (from_apr is None):
         raise InvalidArgument("--tokenizer", "give exactly one of --tokenizer tokenizer.json or --from model.apr")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from apr_format.errors import InvalidArgument
 from apr_format.sniff import identify
 from apr_format.validate import validate_file
 
@@ -26,7 +27,10 @@ def validate_cmd(path: str, as_json: bool) -> None:
       apr validate Qwen2.5-0.5B/ --json
     """
     kind = identify(path)
-    if kind in ("safetensors", "hf-folder", "folder"):
+    if kind == "folder":
+        raise InvalidArgument(path, "is a folder without config.json or .safetensors files; apr validate checks "
+                                    ".apr and safetensors files and HF folders")
+    if kind in ("safetensors", "hf-folder"):
         from apr_converters.validate_hf import validate_hf
 
         report = validate_hf(path)
