@@ -89,6 +89,10 @@ class AprWriter:
 
         A `FileRange` (or a callable returning one) is copied file to file by the kernel while the
         CRC is computed: the fastest source when the stored bytes need no change.
+
+        Raises:
+            InvalidArgument: a bad or repeated name, missing dtype/shape for a lazy source, a size
+                that does not hold the shape. UnknownDType: a dtype APR has no code for.
         """
         encoded = name.encode("utf-8") if isinstance(name, str) else b""
         if not 1 <= len(encoded) <= MAX_NAME_LENGTH:
@@ -107,7 +111,12 @@ class AprWriter:
         self._planned[name] = _Planned(name, apr_dtype, dims, nbytes, data)
 
     def close(self) -> None:
-        """Write the file. Idempotent."""
+        """Write the file (temp beside it, fsync, rename). Idempotent.
+
+        Raises:
+            InvalidArgument: a producer returned other bytes than planned; OSError: naming the path;
+            whatever `before_publish` raises (the destination is then untouched).
+        """
         if self._closed:
             return
         self._closed = True
@@ -339,7 +348,18 @@ def save_apr(
     metadata: Mapping[str, Any] | None = None,
     **writer_kwargs: Any,
 ) -> None:
-    """Write `tensors` (name -> array, tensor or callable) and `metadata` to `path` atomically."""
+    """Write `tensors` (name -> array, tensor or callable) and `metadata` to `path` atomically.
+
+    Arrays keep their dtype (numpy float32/float16/float64, ml_dtypes.bfloat16, ints; torch
+    tensors likewise); `writer_kwargs` go to AprWriter (compression="zstd", flags=...).
+
+    Returns:
+        None; `path` holds the complete file, or is untouched when anything failed.
+
+    Raises:
+        InvalidArgument: a bad name, shape or dtype combination; UnknownDType: a dtype APR lacks.
+        OSError: the destination cannot be written (the message names `path`).
+    """
     with AprWriter(path, metadata, **writer_kwargs) as writer:
         for name, data in tensors.items():
             writer.add(name, data)
