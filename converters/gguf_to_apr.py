@@ -97,9 +97,8 @@ def convert_gguf(
     reader.fields.clear()  # gguf-py keeps numpy arrays per token string; `meta` has the values now
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedArchitecture(
-            src, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
-        )
+        what = f"GGUF architecture {arch!r} is" if isinstance(arch, str) else "a GGUF without general.architecture is"
+        raise UnsupportedArchitecture(src, f"{what} not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
     family = get_family(GGUF_ARCHITECTURES[arch], src)
     tensors, skipped = map_tensors(reader, src)
     config = hf_config(meta, arch, tensors, src)

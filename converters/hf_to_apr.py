@@ -199,7 +199,10 @@ def _warnings(source: HfSource, config: Mapping[str, Any] | None, family: Family
     if config is None:
         out.append("no config.json: architecture metadata left empty (pass --config)")
     elif family is None:
-        out.append(f"architecture {config.get('model_type')!r} has no family table: converted without validation")
+        model_type = config.get("model_type")
+        what = f"architecture {model_type!r} has no family table" if isinstance(model_type, str) \
+            else "config.json has no model_type"
+        out.append(f"{what}: converted without validation")
     index_total = (source.index or {}).get("total_size")
     if source.index is not None and index_total is None:
         out.append("the shard index has no metadata.total_size")
