@@ -25,8 +25,6 @@ from .metadata import HF_CONFIG, HF_CONFIG_TEXT
 
 KEEP = "keep"  # compression / head copy: as the source has it
 _CAST_CHUNK_VALUES = 4 * 1024 * 1024
-# Metadata that describes the file's bytes, rewritten for the new file.
-_BYTE_KEYS = ("total_size",)
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ def _plan(apr: AprFile, stream: AprStream, dtype: str | None, lm_head_copy: bool
 
 
 def _metadata(meta: dict[str, Any], plan: list[_Planned], dtype: str | None, apr: AprFile) -> dict[str, Any]:
-    out = {k: v for k, v in meta.items() if k not in _BYTE_KEYS}
+    out = dict(meta)  # same keys in the same order: re-encoding twice gives back the bytes
     out["total_size"] = sum(p.nbytes for p in plan)
     if dtype is not None and any(p.dtype != apr.info(p.source).dtype for p in plan):
         if isinstance(meta.get(HF_CONFIG), dict):
