@@ -116,3 +116,18 @@ def test_init_refuses_non_finite_weights(tmp_path, value):
     with pytest.raises(NonFiniteWeights, match=r"model\.layers\.1\.mlp\.up_proj\.weight") as caught:
         load_init_tensors(path)
     assert ("1 NaN" if np.isnan(value) else "1 Inf") in str(caught.value)
+
+
+def test_pretrain_init_refuses_non_finite_weights_in_one_line(tmp_path):
+    with open_apr(SOURCE) as f:
+        tensors = {name: np.array(f[name]) for name in f.keys()}
+        meta = dict(f.metadata)
+        vocab = f.info("model.embed_tokens.weight").shape[0]
+    tensors["model.norm.weight"][0] = np.nan
+    save_apr(tmp_path / "nan.apr", tensors, meta)
+    (np.arange(4096, dtype="<u4") % vocab).tofile(tmp_path / "t.bin")
+    proc = run_apr("pretrain", "--init", tmp_path / "nan.apr", "--data", tmp_path / "t.bin", "-o", tmp_path / "run",
+                   "--check-only", "--device", "cpu", "--seq-len", "16", "--batch-size", "2")
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("apr: error:") and "model.norm.weight (1 NaN, 0 Inf)" in last, proc.stderr
