@@ -11,6 +11,7 @@ from apr_format import AprWriter
 from apr_format.constants import DTYPE_BY_NAME
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from apr_format.fileio import FileRange
+from apr_format.param_count import count_parameters
 
 from .dtype_cast import FLOAT_DTYPES, ITEMSIZE, cast_chunks
 from .families import Family, expected_tensors, family_of, is_tied, map_config
@@ -94,7 +95,7 @@ def convert_hf_to_apr(
         plan = _plan(source, family, config, dtype, lm_head_copy)
         if dtype is not None and config is not None and any(p.dtype != p.source.dtype for p in plan):
             config, config_text = with_dtype(config, dtype), None
-        param_count = sum(t.numel for t in source.tensors.values())
+        param_count = count_parameters(config or {}, {n: t.shape for n, t in source.tensors.items()}).distinct
         total_size = sum(p.nbytes for p in plan)
         meta, flags = apr_metadata(
             config, source=src, original_format="safetensors", extra_files=source.extra_files,
