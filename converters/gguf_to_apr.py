@@ -17,7 +17,7 @@ from apr_format import AprWriter
 from apr_format.architecture import ArchitectureConfig
 from apr_format.errors import (
     CorruptMetadata, CorruptSource, InvalidArgument, MissingConfigKey, MissingTensor, ShapeMismatch,
-    UnsupportedArchitecture, UnsupportedFeature, VocabMismatch,
+    UnsupportedArchitecture, UnsupportedFeature, VocabMismatch, from_os_error,
 )
 
 from .dtype_cast import cast
@@ -203,7 +203,11 @@ def _check_layout(src: str) -> None:
     Raises:
         CorruptSource: bad magic or version, or a length that runs past the end of the file.
     """
-    with open(src, "rb") as fh:
+    try:
+        fh = open(src, "rb")
+    except OSError as exc:
+        raise from_os_error(src, exc) from None
+    with fh:
         magic = fh.read(4)
         if magic != _GGUF_MAGIC:
             raise CorruptSource(src, f"not a GGUF file: magic is {magic!r}, expected b'GGUF'")
