@@ -123,3 +123,14 @@ def from_os_error(path: str | os.PathLike, exc: OSError) -> AprError:
         error = Unreadable(path, f"cannot be read: {exc.strerror or exc}")
     error.errno, error.strerror, error.filename = exc.errno, exc.strerror, error.path  # type: ignore[attr-defined]
     return error
+
+
+def json_problem(exc: Exception, offset: int = 0) -> str:
+    """Why bytes are not UTF-8 JSON, in words and file offsets (`offset`: where the JSON starts)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {offset + exc.start})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    pos = getattr(exc, "pos", None)
+    msg = getattr(exc, "msg", None) or str(exc)
+    return f"{msg[:1].lower()}{msg[1:]} at byte {offset + pos}" if pos is not None else msg

@@ -21,7 +21,7 @@ from .constants import (
 )
 from .errors import (
     AprError, CorruptIndex, CorruptMetadata, MissingTensor, Truncated, UnknownDType,
-    UnsupportedFeature, from_os_error,
+    UnsupportedFeature, from_os_error, json_problem,
 )
 from .integrity import StreamingVerifier
 from .header import Header, unpack_header
@@ -119,7 +119,8 @@ class AprFile(Mapping):
         try:
             meta = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise CorruptMetadata(self.path, f"metadata is not valid UTF-8 JSON ({type(exc).__name__})") from None
+            problem = json_problem(exc, h.metadata_offset)
+            raise CorruptMetadata(self.path, f"metadata is not valid UTF-8 JSON ({problem})") from None
         if not isinstance(meta, dict):
             raise CorruptMetadata(self.path, f"metadata is a JSON {type(meta).__name__}, expected an object")
         return {k: v for k, v in meta.items() if v is not None}

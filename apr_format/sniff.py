@@ -8,6 +8,7 @@ from .constants import MAGIC, MAGIC_V1
 from .errors import from_os_error
 
 SNIFF_BYTES = 4096
+_BY_SUFFIX = {".apr": "apr", ".gguf": "gguf", ".safetensors": "safetensors"}
 # kind -> how a message names it
 KINDS = {
     "apr": "an APR v2 (.apr) file",
@@ -26,7 +27,8 @@ KINDS = {
 
 
 def identify(path: str | os.PathLike) -> str:
-    """The kind of file (a key of KINDS) at `path`, judged by its content.
+    """The kind of file (a key of KINDS) at `path`, judged by its content (by its name only when the
+    content is not recognisable, so that a damaged file reaches the parser that explains the damage).
 
     Raises:
         FileMissing, Unreadable: the path does not exist or cannot be read.
@@ -40,7 +42,10 @@ def identify(path: str | os.PathLike) -> str:
             head = fh.read(SNIFF_BYTES)
     except OSError as exc:
         raise from_os_error(path, exc) from None
-    return identify_bytes(head)
+    kind = identify_bytes(head)
+    if kind == "binary":  # damaged beyond recognition: the name picks the parser that says what is wrong
+        kind = _BY_SUFFIX.get(os.path.splitext(path)[1].lower(), kind)
+    return kind
 
 
 def identify_bytes(head: bytes) -> str:

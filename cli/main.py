@@ -156,8 +156,8 @@ def _usage_subject(exc: click.UsageError, where: str) -> tuple[str, str]:
     if isinstance(exc, click.BadOptionUsage):
         problem = "needs a value" if "requires an argument" in exc.message else _lower_first(exc.message.rstrip("."))
         return exc.option_name, problem
-    if isinstance(exc, _NO_SUCH_COMMAND):  # commands load lazily: click has no list to suggest from
-        close = difflib.get_close_matches(exc.command_name, COMMANDS)
+    if isinstance(exc, _NO_SUCH_COMMAND):  # top-level commands load lazily: click has no list to suggest from
+        close = exc.possibilities or difflib.get_close_matches(exc.command_name, COMMANDS)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         return exc.command_name, f"no such command{hint}"
     return where, _lower_first(exc.format_message().rstrip("."))

@@ -10,6 +10,8 @@ from click.core import ParameterSource
 
 from apr_trainer.train import TrainConfig, resume_config, train
 
+from apr_format.errors import InvalidArgument
+
 from .options import output_option
 from .render import echo_json, escape
 
@@ -84,7 +86,7 @@ def pretrain_cmd(ctx: click.Context, as_json: bool, quiet: bool, **options) -> N
         config = resume_config(given.pop("resume"), given)
     else:
         if not given.get("data"):
-            raise click.UsageError("--data is required (or --resume a run)")
+            raise InvalidArgument("--data", "missing (required unless --resume)")
         config = TrainConfig(**given)
     main_rank = os.environ.get("RANK", "0") == "0"
     log = (lambda line: None) if quiet or not main_rank else (lambda line: click.echo(escape(line), err=True))
