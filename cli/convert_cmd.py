@@ -136,7 +136,10 @@ def _refuse_flags(src: str, kind: str, **given: object) -> None:
 def render_report(data: dict[str, Any]) -> str:
     """Human summary of a conversion report."""
     arch = data.get("architecture") or "unknown architecture"
-    checked = f"checked against the {data['family']} table" if data.get("family") else "not validated"
+    checked = (f"checked against the {data['family']} table" if data.get("family")
+               else {True: "re-encoded; the source's footer CRC-32 matched",
+                     False: "re-encoded; the source's footer CRC-32 was NOT checked (--no-verify)"}.get(
+                   data.get("source_verified"), "not validated"))
     dtypes = ", ".join(f"{k}: {v}" for k, v in sorted((data.get("dtypes") or {}).items()))
     lines = [
         f"wrote {data['output']} ({human_bytes(data['bytes_written'])})",

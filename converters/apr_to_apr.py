@@ -92,7 +92,7 @@ def reencode_apr(
         source=src, output=dst, architecture=apr.metadata.get("architecture"), family=None,
         tensor_count=len(plan), param_count=counted.distinct, total_size=total, bytes_written=os.path.getsize(dst),
         dtype=dtype, dtypes=dict(sorted(Counter(p.dtype for p in plan).items())),
-        lm_head_copy=counted.tied_copy is not None, warnings=notes,
+        lm_head_copy=counted.tied_copy is not None, warnings=notes, source_verified=verify,
     )
 
 

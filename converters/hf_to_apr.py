@@ -45,6 +45,7 @@ class ConversionReport:
     extra_tensors: list[str] = field(default_factory=list)
     carried_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    source_verified: bool | None = None  # .apr input: whether its footer CRC was checked (None: not an .apr)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
