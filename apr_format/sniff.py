@@ -11,7 +11,7 @@ SNIFF_BYTES = 4096
 _BY_SUFFIX = {".apr": "apr", ".gguf": "gguf", ".safetensors": "safetensors"}
 # kind -> how a message names it
 KINDS = {
-    "apr": "an APR v2 (.apr) file",
+    "apr": "an .apr file",
     "apr-v1": "an APR v1 file",
     "gguf": "a GGUF file",
     "safetensors": "a safetensors file",

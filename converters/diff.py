@@ -191,7 +191,8 @@ class _Side:
             self.stream.close()
             if self.stream.verifier is not None:
                 self.stream.verifier.close()
-        (self.gguf or self.apr or self.hf).close()
+        source = next(s for s in (self.gguf, self.apr, self.hf) if s is not None)  # an empty AprFile is falsy
+        source.close()
 
 
 def diff_checkpoints(

@@ -142,7 +142,7 @@ class HfSource:
     def _map_file(self, file: str) -> tuple[list[HeaderEntry], dict[str, str]]:
         view = self._mapped.open(file)
         kind = identify_bytes(bytes(view[:SNIFF_BYTES]))
-        if kind not in ("safetensors", "binary"):  # "binary": let the header parser say what is wrong
+        if kind not in ("safetensors", "binary", "empty"):  # let the header parser say what is wrong with those
             raise CorruptSource(file, f"is {describe(kind)}, not safetensors")
         return parse_header(view, file)
 
