@@ -6,9 +6,8 @@ from typing import Any
 
 import click
 
-from .convert_cmd import ByteProgress
 from .options import no_verify_option, warn_unverified
-from .render import echo_json, escape, table
+from .render import ByteProgress, echo_json, escape, table
 
 EXIT_DIFFERENT = 1
 

@@ -8,9 +8,8 @@ import click
 
 from apr_format.errors import InvalidArgument
 
-from .convert_cmd import ByteProgress, report_dict
 from .options import no_verify_option, output_option, warn_unverified
-from .render import echo_json, human_bytes
+from .render import ByteProgress, echo_json, human_bytes, report_dict
 
 
 @click.command("export")

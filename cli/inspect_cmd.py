@@ -11,9 +11,9 @@ import click
 
 from apr_format import Flag, open_apr
 from apr_format.param_count import count_parameters
-from apr_format.sniff import identify
 
 from .render import echo_json, human_bytes, human_count, table
+from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind
 
 # The transformer config keys, shown first (spec: "Metadata").
 ARCH_KEYS = (
@@ -28,8 +28,6 @@ _HEADER_FIELDS = (  # spec order
     "tensor_index_offset", "data_offset", "checksum",
 )
 _SHORT = 60  # longest metadata value shown whole in human output
-NOT_VERIFIED = "not verified"  # header-only reads: `apr validate` checks the footer CRC-32
-NO_CHECKSUM = "none in this format"
 
 
 class Entry(NamedTuple):
@@ -40,13 +38,6 @@ class Entry(NamedTuple):
     shape: tuple[int, ...]
     numel: int
     nbytes: int  # bytes it takes in the file
-
-
-def input_kind(path: str) -> str:
-    """"apr", "gguf" or "hf" (a .safetensors file or an HF folder), from the content; other files are
-    read as .apr, whose reader names what they are."""
-    kind = identify(path)
-    return {"gguf": "gguf", "safetensors": "hf", "hf-folder": "hf", "folder": "hf"}.get(kind, "apr")
 
 
 @click.command("inspect")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import click
 from click.core import ParameterSource
 
-from apr_trainer.train import TrainConfig, resume_config, train
+from apr_trainer.config import TrainConfig, resume_config
+from apr_trainer.distributed import is_main_process
+from apr_trainer.train import train
 
 from apr_format.errors import InvalidArgument
 
@@ -88,7 +89,7 @@ def pretrain_cmd(ctx: click.Context, as_json: bool, quiet: bool, **options) -> N
         if not given.get("data"):
             raise InvalidArgument("--data", "missing (required unless --resume)")
         config = TrainConfig(**given)
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = is_main_process()
     log = (lambda line: None) if quiet or not main_rank else (lambda line: click.echo(escape(line), err=True))
     summary = train(config, log)
     if as_json and main_rank:

@@ -11,9 +11,9 @@ import click
 
 from apr_format import Flag, open_apr
 
-from .inspect_cmd import NO_CHECKSUM, NOT_VERIFIED, input_kind
 from .main import EXIT_CHECK_FAILED
 from .render import echo_json, escape, table
+from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind
 
 _DIGITS = re.compile(r"([0-9]+)")
 
