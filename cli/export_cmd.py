@@ -8,36 +8,43 @@ import click
 
 from apr_format.errors import InvalidArgument
 
+from .options import no_verify_option, output_option, warn_unverified
 from .render import ByteProgress, echo_json, human_bytes, report_dict
 
 
 @click.command("export")
 @click.argument("src", metavar="MODEL.apr")
-@click.option("-o", "--output", required=True, metavar="OUT",
-              help="Output folder (hf), file or '-' for stdout (safetensors), or .gguf file (gguf).")
+@output_option("Output folder (hf), file or '-' for stdout (safetensors), or .gguf file (gguf).", "OUT")
 @click.option("--format", "fmt", type=click.Choice(["hf", "safetensors", "gguf"]), default=None,
-              help="hf folder (default), one safetensors file (default when OUT ends in .safetensors or is -) "
-                   "or a GGUF file for llama.cpp (default when OUT ends in .gguf).")
+              help="An hf folder, one safetensors file, or a GGUF file for llama.cpp.",
+              show_default="hf; safetensors when OUT ends in .safetensors or is -; gguf when OUT ends in .gguf")
 @click.option("--outtype", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default=None,
               help="gguf only: GGML type of the 2-D tensors; auto keeps each tensor's float type (lossless). "
-                   "Norms and biases are F32 always.  [default: auto]")
+                   "Norms and biases are F32 always.", show_default="auto")
 @click.option("--max-shard-size", default=None, metavar="SIZE",
-              help="Split weights into shards of at most SIZE (e.g. 2GB, 500MB). "
-                   "Default: the source's own split when known, else 5GB.")
+              help="Split weights into shards of at most SIZE (e.g. 2GB, 500MB).",
+              show_default="the source's own split when known, else 5GB")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@no_verify_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export_cmd(
     src: str, output: str, fmt: str | None, outtype: str | None, max_shard_size: str | None, force: bool,
-    quiet: bool, as_json: bool,
+    no_verify: bool, quiet: bool, as_json: bool,
 ) -> None:
     """Export MODEL.apr for transformers (`from_pretrained(OUT)` loads the folder) or llama.cpp (GGUF).
 
     aprender's lm_head copy of a tied model is left out, so HF -> APR -> HF gives back the
-    source files. GGUF: llama / qwen2 models, with llama.cpp's tensor names, q/k row order,
-    architecture keys and the carried tokenizer; q4 / q8 tensors are dequantized (listed).
+    source files. The footer CRC-32 is checked while the tensors stream; a corrupt file is
+    refused before anything is written. GGUF: llama / qwen2 models, with llama.cpp's tensor
+    names, q/k row order, architecture keys and the carried tokenizer; q4 / q8 tensors are
+    dequantized (listed).
 
-    Example: apr export model.apr -o model.gguf --outtype q8_0
+    \b
+    Examples:
+      apr export model.apr -o hf-model/
+      apr export model.apr -o model.gguf --outtype q8_0
+      apr export model.apr -o - | python -c "import safetensors, sys; ..."
     """
     if fmt is None:
         lower = output.lower()
@@ -45,11 +52,15 @@ def export_cmd(
     if fmt in ("hf", "gguf") and output == "-":
         raise InvalidArgument(output, f"--format {fmt} cannot go to stdout (use --format safetensors)")
     if fmt != "hf" and max_shard_size is not None:
-        raise InvalidArgument(output, "--max-shard-size applies to --format hf only")
+        raise InvalidArgument("--max-shard-size", "applies to --format hf only")
     if fmt != "gguf" and outtype is not None:
-        raise InvalidArgument(output, "--outtype applies to --format gguf only")
+        raise InvalidArgument("--outtype", "applies to --format gguf only")
     if output == "-" and as_json:
-        raise InvalidArgument(output, "--json needs stdout, which -o - uses for the weights")
+        raise InvalidArgument("--json", "needs stdout, which -o - uses for the weights")
+    if output == "-" and sys.stdout.isatty():
+        raise InvalidArgument("-o -", "refusing to write binary safetensors to a terminal; redirect or pipe it")
+    if no_verify:
+        warn_unverified([src])
     with ByteProgress("exporting", quiet or as_json) as progress:
         if fmt == "gguf":
             from apr_converters.apr_to_gguf import export_apr_to_gguf
@@ -58,12 +69,13 @@ def export_cmd(
         elif fmt == "hf":
             from apr_converters.apr_to_hf import export_apr_to_hf
 
-            report = export_apr_to_hf(src, output, max_shard_size=max_shard_size, force=force, progress=progress)
+            report = export_apr_to_hf(src, output, max_shard_size=max_shard_size, force=force, progress=progress,
+                                      verify=not no_verify)
         else:
             from apr_converters.apr_to_hf import export_apr_to_safetensors
 
             target = sys.stdout.buffer if output == "-" else output
-            report = export_apr_to_safetensors(src, target, force=force, progress=progress)
+            report = export_apr_to_safetensors(src, target, force=force, progress=progress, verify=not no_verify)
             if output == "-":
                 sys.stdout.buffer.flush()
     data = report_dict(report)

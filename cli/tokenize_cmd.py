@@ -12,6 +12,7 @@ from apr_format.errors import InvalidArgument
 from apr_trainer.pretokenize import TokenizeOptions, tokenize_corpus
 from apr_trainer.tokenization import EncodedBatch, load_tokenizer
 
+from .options import output_option
 from .render import echo_json, escape
 
 _SUFFIXES = {"K": 10**3, "M": 10**6, "G": 10**9}
@@ -29,8 +30,8 @@ def _count(ctx: click.Context, param: click.Parameter, value: str) -> int:
 
 @click.command("tokenize")
 @click.argument("sources", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--out", "out", required=True, metavar="OUT_DIR",
-              help="Folder to write: PREFIX-00000.bin shards (+ .bin.json sidecars) and index.json.")
+@output_option("Folder to write: PREFIX-00000.bin shards (+ .bin.json sidecars) and index.json.", "OUT_DIR",
+               dest="out", hidden_aliases=("--out",))
 @click.option("--tokenizer", metavar="tokenizer.json", help="HF tokenizers file to use.")
 @click.option("--from", "from_apr", metavar="MODEL.apr", help="Use the tokenizer carried inside this .apr.")
 @click.option("--text-field", default="text", show_default=True, help="JSON key / Parquet column holding the text.")
@@ -56,7 +57,10 @@ def tokenize_cmd(sources: tuple[str, ...], out: str, tokenizer: str | None, from
     JSON line or Parquet row is one. The tokenizer's end-of-text token follows every document; no
     BOS or template tokens are added. A progress bar shows on a terminal.
 
-    Example: apr tokenize 'fineweb/*.parquet' -o fineweb-tok --from model.apr --shard-tokens 100M
+    \b
+    Examples:
+      apr tokenize 'fineweb/*.parquet' -o fineweb-tok --from model.apr --shard-tokens 100M
+      apr tokenize corpus.jsonl --tokenizer tokenizer.json -o corpus-tok --dtype uint32
     """
     if (tokenizer is None) == (from_apr is None):
         raise InvalidArgument(None, "give exactly one of --tokenizer tokenizer.json or --from model.apr", flag="--tokenizer")

@@ -13,6 +13,7 @@ from apr_format.destination import check_output_file
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch
 from apr_format.fileio import CHUNK_VALUES, FileRange
 from apr_format.families import Family, expected_tensors, family_of, is_tied, map_config
+from apr_format.param_count import count_parameters
 
 from .dtype_cast import cast_chunks
 from .hf_source import HfSource, SourceTensor, open_hf_source, read_config
@@ -44,6 +45,7 @@ class ConversionReport:
     carried_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     quantization: dict[str, Any] | None = None  # QuantReport.summary() when --quantize was given
+    source_verified: bool | None = None  # .apr input: whether its footer CRC was checked (None: not an .apr)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -97,8 +99,8 @@ def convert_hf_to_apr(
         plan = _plan(source, family, config, dtype, lm_head_copy, quantize)
         quant = QuantReport.for_plan(quantize, [(p.name, p.dtype) for p in plan])
         if dtype is not None and config is not None and any(p.dtype not in (p.source.dtype, quantize) for p in plan):
-            config, config_text = _with_dtype(config, dtype), None
-        param_count = sum(t.numel for t in source.tensors.values())
+            config, config_text = with_dtype(config, dtype), None
+        param_count = count_parameters(config or {}, {n: t.shape for n, t in source.tensors.items()}).distinct
         total_size = sum(p.nbytes for p in plan)
         meta, flags = apr_metadata(
             config, source=src, original_format="safetensors", extra_files=source.extra_files,
@@ -199,7 +201,7 @@ def _producer(
     return produce
 
 
-def _with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
+def with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The config with its dtype entry (transformers 4: torch_dtype, 5: dtype) set to `dtype`."""
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     return {**config, **{k: DTYPE_BY_NAME[dtype].torch for k in keys}}
@@ -217,7 +219,10 @@ def _warnings(source: HfSource, config: Mapping[str, Any] | None, family: Family
     if config is None:
         out.append("no config.json: architecture metadata left empty (pass --config)")
     elif family is None:
-        out.append(f"architecture {config.get('model_type')!r} has no family table: converted without validation")
+        model_type = config.get("model_type")
+        what = f"architecture {model_type!r} has no family table" if isinstance(model_type, str) \
+            else "config.json has no model_type"
+        out.append(f"{what}: converted without validation")
     index_total = (source.index or {}).get("total_size")
     if source.index is not None and index_total is None:
         out.append("the shard index has no metadata.total_size")

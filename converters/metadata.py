@@ -33,8 +33,12 @@ def apr_metadata(
     param_count: int,
     total_size: int,
     config_text: str | None = None,
+    name: str | None = None,
 ) -> tuple[dict[str, Any], int]:
     """The APR metadata dict and extra header flags (HAS_VOCAB) for a model.
+
+    `name` is the model's own name (a GGUF's general.name); None takes config.json's
+    `_name_or_path`, then the file or folder name.
 
     `hf_config` is a config.json-style dict (None for a bare weights file); `config_text` its
     original text, kept verbatim when re-serialising would not reproduce it; `extra_files`
@@ -47,7 +51,7 @@ def apr_metadata(
     if isinstance(model_type, str):
         meta["model_type"] = family.name if family else model_type
         meta["architecture"] = model_type
-    meta["name"] = _name(source)
+    meta["name"] = name or _config_name(config) or _name(source)
     meta["source"] = source
     meta["original_format"] = original_format
     meta["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -113,6 +117,14 @@ def rebuild_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         if meta.get(apr_key) is not None:
             config[hf_key] = meta[apr_key]
     return config
+
+
+def _config_name(config: Mapping[str, Any] | None) -> str | None:
+    """config.json's `_name_or_path` (the hub id or folder it was saved from), when it names something."""
+    value = (config or {}).get("_name_or_path")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return os.path.basename(os.path.normpath(value)) if os.path.isabs(value) else value
 
 
 def _name(source: str) -> str:
