@@ -88,3 +88,7 @@ class CorruptSource(AprError):
 
 class InvalidArgument(AprError):
     """Arguments that contradict each other or the input."""
+
+
+class ModelUnavailable(AprError):
+    """A model id (hf://ORG/NAME) could not be resolved: unknown repo or revision, no network, not cached."""

@@ -11,6 +11,7 @@ import click
 
 from apr_format.errors import InvalidArgument
 
+from .model_input import local_path
 from .render import echo_json, human_bytes, human_count
 
 
@@ -65,12 +66,13 @@ def convert_cmd(
     src: str, output: str, dtype: str | None, force: bool, quiet: bool, config_path: str | None,
     no_lm_head_copy: bool, keep_quant: bool, compress: str | None, as_json: bool,
 ) -> None:
-    """Convert SRC (an HF model folder, a .safetensors file or a .gguf file) to an .apr file.
+    """Convert SRC (an HF model folder, a .safetensors file, a .gguf file or hf://ORG/NAME[@REVISION]) to an .apr file.
 
     HF tensors keep their names, shapes and dtype (bf16 bytes are copied unchanged). qwen2 and
     llama checkpoints are checked tensor by tensor against the config; other architectures are
     converted as they are.
     """
+    src = local_path(src)
     with ByteProgress("converting", quiet or as_json) as progress:
         if src.lower().endswith(".gguf"):
             for flag, given in (("--config", config_path), ("--compress", compress)):

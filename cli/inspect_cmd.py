@@ -11,6 +11,7 @@ import click
 
 from apr_format import Flag, open_apr
 
+from .model_input import local_path
 from .render import echo_json, human_bytes, human_count, table
 
 # The transformer config keys, shown first (spec: "Metadata").
@@ -47,7 +48,8 @@ def is_apr_input(path: str) -> bool:
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def inspect_cmd(path: str, as_json: bool) -> None:
-    """Summarise FILE: an .apr file, a .safetensors file or an HF model folder."""
+    """Summarise FILE: an .apr file, a .safetensors file, an HF model folder or hf://ORG/NAME[@REVISION]."""
+    path = local_path(path)
     summary = summarize_apr(path) if is_apr_input(path) else summarize_hf(path)
     if as_json:
         echo_json(summary)

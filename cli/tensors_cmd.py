@@ -11,6 +11,7 @@ import click
 from apr_format import Flag, open_apr
 
 from .inspect_cmd import is_apr_input
+from .model_input import local_path
 from .render import echo_json, table
 
 
@@ -19,7 +20,8 @@ from .render import echo_json, table
 @click.option("--filter", "pattern", metavar="GLOB", help="Only names matching GLOB (fnmatch, case-sensitive).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def tensors_cmd(path: str, pattern: str | None, as_json: bool) -> None:
-    """List the tensors of FILE (.apr, .safetensors or HF folder). `offset` is the byte offset in the file."""
+    """List the tensors of FILE (.apr, .safetensors, HF folder or hf://ORG/NAME[@REVISION]). `offset` is the byte offset in the file."""
+    path = local_path(path)
     listing = list_apr(path) if is_apr_input(path) else list_hf(path)
     if pattern is not None:
         listing["tensors"] = [t for t in listing["tensors"] if fnmatch.fnmatchcase(t["name"], pattern)]

@@ -49,6 +49,17 @@ def build_hf_checkpoint(
     return folder
 
 
+def build_hf_checkpoint_with_tokenizer(folder: Path, family: str, **overrides) -> Path:
+    """`build_hf_checkpoint` with 512 embedding rows plus the checked-in tiny BPE tokenizer (400 tokens,
+    eos <|im_end|>, a ChatML chat template) from fixtures/tiny-qwen2-hf."""
+    import shutil
+
+    build_hf_checkpoint(folder, family, **{"vocab_size": 512, **overrides})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "tiny-qwen2-hf" / name, folder / name)
+    return folder
+
+
 def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run the installed `apr` CLI in a subprocess and capture its output as text."""
     env = {**os.environ, "NO_COLOR": "1"}

@@ -1,0 +1,40 @@
+"""MODEL arguments shared by commands: hf:// ids fetched, any format opened as a ready-to-run model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import click
+
+from .render import escape
+
+if TYPE_CHECKING:
+    from apr_trainer.inference import LoadedModel
+
+HUB_PREFIX = "hf://"  # also converters.hub.HUB_PREFIX; repeated so .apr paths never import the converters
+
+
+def local_path(path: str) -> str:
+    """`path` unchanged, or the local snapshot folder of an `hf://ORG/NAME[@REVISION]` id."""
+    if not path.startswith(HUB_PREFIX):
+        return path
+    from apr_converters.hub import download_model
+
+    return download_model(path)
+
+
+def warn(message: str) -> None:
+    """One `apr: warning:` line on stderr."""
+    click.echo(f"apr: warning: {escape(message)}", err=True)
+
+
+@contextmanager
+def open_model(model: str, *, device: str, dtype: str) -> Iterator[LoadedModel]:
+    """The model named by MODEL (.apr, HF folder, .gguf or hf:// id), loaded for inference."""
+    from apr_converters.as_apr import model_as_apr
+    from apr_trainer.inference import load_model
+
+    with model_as_apr(model, warn) as apr_path:
+        yield load_model(apr_path, device=device, dtype=dtype, label=model, warn=warn)

@@ -1,0 +1,54 @@
+"""Any model argument (.apr, HF folder or .safetensors, .gguf, hf:// id) as a local .apr path, losslessly."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from apr_format.errors import AprError
+
+from .hub import download_model, is_hub_id
+
+Warn = Callable[[str], None]
+
+
+@contextmanager
+def model_as_apr(model: str | os.PathLike, warn: Warn) -> Iterator[str]:
+    """Yield an .apr path for `model`; HF and GGUF sources are converted to a temporary .apr first.
+
+    The conversion is the one `apr convert` does, without casts: HF tensors keep their bytes and
+    GGUF tensors are dequantized to f32 (exact for every GGML type). The temporary file lives in
+    $TMPDIR and is removed on exit. Conversion warnings go to `warn`; errors about the temporary
+    file are re-raised naming `model`.
+
+    Raises:
+        What `download_model`, `convert_hf_to_apr` and `convert_gguf` raise, and what the caller
+        raises while reading the yielded file.
+    """
+    source = os.fspath(model)
+    local = download_model(source) if is_hub_id(source) else source
+    if not os.path.exists(local):
+        raise FileNotFoundError(2, "No such file or directory", local)
+    if not (os.path.isdir(local) or local.lower().endswith((".safetensors", ".gguf"))):
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="apr-model-") as tmp:
+        converted = os.path.join(tmp, "model.apr")
+        try:
+            if local.lower().endswith(".gguf"):
+                from .gguf_to_apr import convert_gguf
+
+                report = convert_gguf(local, converted, dtype="f32", lm_head_copy=False)
+            else:
+                from .hf_to_apr import convert_hf_to_apr
+
+                report = convert_hf_to_apr(local, converted, lm_head_copy=False)
+            for warning in report.warnings:
+                warn(f"{source}: {warning}")
+            yield converted
+        except AprError as exc:
+            if exc.path is None or not exc.path.startswith(tmp):
+                raise
+            raise type(exc)(source, exc.problem) from None
