@@ -7,9 +7,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from apr_format.architecture import architecture_of
 from apr_format.errors import AprError
 
+from .hf_source import CONFIG_FILE, read_config
 from .hub import download_model, is_hub_id
+from .metadata import HF_CONFIG
 
 Warn = Callable[[str], None]
 
@@ -44,6 +47,7 @@ def model_as_apr(model: str | os.PathLike, warn: Warn) -> Iterator[str]:
             else:
                 from .hf_to_apr import convert_hf_to_apr
 
+                _check_architecture(local)
                 report = convert_hf_to_apr(local, converted, lm_head_copy=False)
             for warning in report.warnings:
                 warn(f"{source}: {warning}")
@@ -52,3 +56,10 @@ def model_as_apr(model: str | os.PathLike, warn: Warn) -> Iterator[str]:
             if exc.path is None or not exc.path.startswith(tmp):
                 raise
             raise type(exc)(source, exc.problem) from None
+
+
+def _check_architecture(folder: str) -> None:
+    """Refuse an encoder or incomplete config before converting anything (the model could be big)."""
+    config_file = os.path.join(folder, CONFIG_FILE)
+    if os.path.isfile(config_file):
+        architecture_of({HF_CONFIG: read_config(config_file)[1]}, (), folder)
