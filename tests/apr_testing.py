@@ -60,6 +60,32 @@ def build_hf_checkpoint_with_tokenizer(folder: Path, family: str, **overrides) -
     return folder
 
 
+def transformers_greedy(reference, prompt_ids: list[int], n: int, **kwargs) -> list[int]:
+    """The ids transformers' `generate(do_sample=False)` adds to `prompt_ids` (kwargs: e.g. eos_token_id)."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids)])
+    kwargs.setdefault("pad_token_id", 0)
+    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def transformers_loss(reference, ids, seq_len: int, batch: int = 8) -> tuple[float, int]:
+    """(mean next-token cross-entropy, windows) of a transformers model over the non-overlapping
+    `seq_len` windows of `ids` (last partial window dropped): the perplexity definition of `apr eval`."""
+    import torch
+    import torch.nn.functional as F
+
+    windows = len(ids) // seq_len
+    rows = torch.as_tensor(np.asarray(ids[: windows * seq_len], dtype=np.int64)).view(windows, seq_len)
+    total = 0.0
+    with torch.no_grad():
+        for chunk in rows.split(batch):
+            logits = reference(chunk).logits[:, :-1].double()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"))
+    return total / (windows * (seq_len - 1)), windows
+
+
 def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run the installed `apr` CLI in a subprocess and capture its output as text."""
     env = {**os.environ, "NO_COLOR": "1"}

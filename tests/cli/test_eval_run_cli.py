@@ -6,15 +6,16 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 from apr_trainer.data import write_token_file
 
-from apr_testing import FIXTURES, build_hf_checkpoint, build_hf_checkpoint_with_tokenizer, learnable_tokens, run_apr, run_apr_json
+from apr_testing import (
+    FIXTURES, build_hf_checkpoint, build_hf_checkpoint_with_tokenizer, learnable_tokens, run_apr, run_apr_json,
+    transformers_greedy, transformers_loss,
+)
 
 PROMPT = "the cat sat on the mat and"
 CORPUS = FIXTURES / "tiny-corpus.txt"
@@ -32,21 +33,14 @@ def model(request, tmp_path_factory) -> tuple[Path, Path]:
 
 def hf_greedy(folder: Path, prompt_ids: list[int], n: int, eos: int | None = None) -> list[int]:
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
-    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             eos_token_id=eos, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    return transformers_greedy(reference, prompt_ids, n, eos_token_id=eos)
 
 
 def hf_perplexity(folder: Path, ids: list[int], seq_len: int) -> tuple[float, int]:
     """The issue's definition computed with transformers: (perplexity, predicted tokens)."""
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    windows = len(ids) // seq_len
-    batch = torch.tensor(ids[: windows * seq_len]).view(windows, seq_len)
-    with torch.no_grad():
-        logits = torch.cat([reference(chunk).logits[:, :-1].double() for chunk in batch.split(16)])
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-    return math.exp(float(loss)), windows * (seq_len - 1)
+    loss, windows = transformers_loss(reference, ids, seq_len)
+    return math.exp(loss), windows * (seq_len - 1)
 
 
 def one_line_error(proc, *fragments: str) -> None:
@@ -108,11 +102,7 @@ def test_chat_renders_the_template_like_transformers():
     result = run_apr_json("run", folder, "--chat", "-p", "Hi there", "-n", "8", "--ignore-eos")
     assert result["prompt"] == rendered
     chat_ids = tokenizer(rendered, add_special_tokens=False).input_ids
-    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.tensor([chat_ids])
-    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    assert result["tokens"] == out[0, len(chat_ids):].tolist()
+    assert result["tokens"] == hf_greedy(folder, chat_ids, 8)
 
 
 def test_hostile_chat_template_cannot_reach_python(tmp_path):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 from apr_converters.hf_to_apr import convert_hf_to_apr
@@ -16,17 +14,7 @@ from apr_trainer.data import TokenStream
 from apr_trainer.evaluate import perplexity
 from apr_trainer.model import DecoderLM
 
-from apr_testing import learnable_tokens
-
-
-def reference_loss(model, ids: np.ndarray, seq_len: int) -> tuple[float, int]:
-    """Mean next-token cross-entropy over non-overlapping windows (partial tail dropped), with transformers."""
-    windows = len(ids) // seq_len
-    batch = torch.from_numpy(ids[: windows * seq_len].astype(np.int64)).view(windows, seq_len)
-    with torch.no_grad():
-        logits = model(batch).logits[:, :-1].double()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-    return float(loss), windows
+from apr_testing import learnable_tokens, transformers_loss
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -38,7 +26,7 @@ def test_perplexity_equals_transformers(family, seq_len, batch_size, request, tm
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = learnable_tokens(700, ours.config.vocab_size)
     result = perplexity(ours, TokenStream([ids], "ids"), seq_len=seq_len, batch_size=batch_size)
-    loss, windows = reference_loss(reference, ids, seq_len)
+    loss, windows = transformers_loss(reference, ids, seq_len)
     assert (result.windows, result.tokens, result.seq_len) == (windows, windows * (seq_len - 1), seq_len)
     assert result.loss == pytest.approx(loss, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(loss), rel=1e-4)

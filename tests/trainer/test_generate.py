@@ -11,6 +11,8 @@ from apr_format.errors import InvalidArgument
 from apr_trainer.generate import Sampling, check_lengths, generate, next_token, sampling_scores
 from apr_trainer.model import DecoderLM, KVCache
 
+from apr_testing import transformers_greedy
+
 PROMPT = [5, 17, 42, 7, 99, 3]
 
 
@@ -22,14 +24,7 @@ def pair(request, tmp_path_factory):
     convert_hf_to_apr(folder, apr)
     reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     reference.generation_config.eos_token_id = None  # compare all tokens; EOS is tested on its own
-    reference.generation_config.pad_token_id = 0
     return reference, DecoderLM.from_apr(apr, dtype=torch.float32).eval()
-
-
-def _hf_greedy(reference, prompt: list[int], n: int, **kwargs) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kwargs)
-    return out[0, len(prompt):].tolist()
 
 
 def test_cached_logits_equal_full_forward(pair):
@@ -47,7 +42,7 @@ def test_cached_logits_equal_full_forward(pair):
 def test_greedy_equals_transformers_for_20_tokens(pair):
     reference, ours = pair
     result = generate(ours, PROMPT, 20)
-    assert result.tokens == _hf_greedy(reference, PROMPT, 20)
+    assert result.tokens == transformers_greedy(reference, PROMPT, 20)
     assert len(result.tokens) == 20 and not result.stopped_at_eos
 
 
@@ -57,7 +52,7 @@ def test_stops_after_the_first_eos_like_transformers(pair):
     eos = free[len(free) // 2]  # a token greedy decoding is sure to reach
     result = generate(ours, PROMPT, 12, eos_ids={eos})
     assert result.tokens == free[: free.index(eos) + 1] and result.stopped_at_eos
-    assert result.tokens == _hf_greedy(reference, PROMPT, 12, eos_token_id=eos)
+    assert result.tokens == transformers_greedy(reference, PROMPT, 12, eos_token_id=eos)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(pair):
