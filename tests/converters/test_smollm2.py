@@ -97,4 +97,4 @@ def test_apr_eval_equals_transformers_perplexity(smollm2, reference):
     result = run_apr_json("eval", apr, "--data", proof.CORPUS, "--seq-len", "256", "--max-tokens", "2048")
     assert (result["windows"], result["tokens"]) == (windows, windows * 255) == (8, 2040)
     assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
-    assert result["perplexity"] < 30  # a trained model on English text, not a random one (ln 49152 ~ 10.8)
+    assert result["perplexity"] < 50  # a trained model on English text (26.7), not a random one (~49152)
