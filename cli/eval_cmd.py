@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .model_input import open_model, warn
+from .model_input import model_options, open_model, warn
 from .render import echo_json, escape
 
 DEFAULT_SEQ_LEN = 512
@@ -18,12 +18,7 @@ DEFAULT_SEQ_LEN = 512
               help=f"Tokens per window [default: {DEFAULT_SEQ_LEN}, or the model's context when shorter].")
 @click.option("--batch-size", "batch_size", type=int, default=8, show_default=True, help="Windows per forward pass.")
 @click.option("--max-tokens", "max_tokens", type=int, default=None, help="Use only the first N tokens of the data.")
-@click.option("--tokenizer", metavar="tokenizer.json", default=None,
-              help="Tokenizer for text data (default: the one carried by MODEL).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto = cuda if available.")
-@click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
-              help="Compute dtype; auto = f32 on CPU, the checkpoint's float dtype on CUDA.")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def eval_cmd(
     model: str, data: str, seq_len: int | None, batch_size: int, max_tokens: int | None, tokenizer: str | None,

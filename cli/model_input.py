@@ -16,6 +16,21 @@ if TYPE_CHECKING:
 HUB_PREFIX = "hf://"  # also converters.hub.HUB_PREFIX; repeated so .apr paths never import the converters
 
 
+def model_options(command):
+    """--tokenizer, --device and --dtype, shared by the commands that load a model to run it."""
+    options = [
+        click.option("--tokenizer", metavar="tokenizer.json", default=None,
+                     help="Tokenizer to use (default: the one carried by MODEL)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto = cuda if available."),
+        click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto",
+                     show_default=True, help="Compute dtype; auto = f32 on CPU, the checkpoint's float dtype on CUDA."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def local_path(path: str) -> str:
     """`path` unchanged, or the local snapshot folder of an `hf://ORG/NAME[@REVISION]` id."""
     if not path.startswith(HUB_PREFIX):

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .model_input import open_model
+from .model_input import model_options, open_model
 from .render import echo_json
 
 
@@ -23,19 +23,14 @@ from .render import echo_json
 @click.option("--seed", type=int, default=None, help="Seed of the sampler (same seed, same output).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the checkpoint's chat template (sandboxed Jinja).")
 @click.option("--ignore-eos", "ignore_eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
-@click.option("--tokenizer", metavar="tokenizer.json", default=None,
-              help="Tokenizer to use (default: the one carried by MODEL).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto = cuda if available.")
-@click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
-              help="Compute dtype; auto = f32 on CPU, the checkpoint's float dtype on CUDA.")
+@model_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document (prompt, generated ids, text, count, speed) instead of streaming text.")
 def run_cmd(
     model: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
     seed: int | None, chat: bool, ignore_eos: bool, tokenizer: str | None, device: str, dtype: str, as_json: bool,
 ) -> None:
-    """Continue PROMPT with MODEL (.apr, HF folder, .gguf or hf://ORG/NAME[@REVISION]).
+    """Continue the -p prompt with MODEL (.apr, HF folder, .gguf or hf://ORG/NAME[@REVISION]).
 
     The prompt is tokenized as transformers' `tokenizer(prompt)` does (the tokenizer's own
     special tokens, e.g. a BOS, included); with --chat it is rendered through the checkpoint's
