@@ -103,3 +103,16 @@ def test_lengths_beyond_the_context_are_refused():
     with pytest.raises(InvalidArgument, match="use -n 28 or less"):
         check_lengths(100, 29, 128, "m")
     check_lengths(100, 28, 128, "m")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_greedy_and_seeded_sampling(pair):
+    reference, ours = pair
+    gpu = ours.to("cuda")
+    try:
+        assert generate(gpu, PROMPT, 20).tokens == transformers_greedy(reference, PROMPT, 20)
+        hot = Sampling(temperature=2.0, top_p=0.9, seed=4)
+        assert generate(gpu, PROMPT, 10, sampling=hot).tokens == generate(gpu, PROMPT, 10, sampling=hot).tokens
+    finally:
+        ours.to("cpu")
