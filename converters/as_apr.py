@@ -21,8 +21,8 @@ Warn = Callable[[str], None]
 def model_as_apr(model: str | os.PathLike, warn: Warn) -> Iterator[str]:
     """Yield an .apr path for `model`; HF and GGUF sources are converted to a temporary .apr first.
 
-    The conversion is the one `apr convert` does, without casts: HF tensors keep their bytes and
-    GGUF tensors are dequantized to f32 (exact for every GGML type). The temporary file lives in
+    The conversion is the one `apr convert` does, without narrowing casts: HF tensors keep their
+    bytes and GGUF tensors are dequantized to f32, the precision llama.cpp dequantizes in. The temporary file lives in
     $TMPDIR and is removed on exit. Conversion warnings go to `warn`; errors about the temporary
     file are re-raised naming `model`.
 

@@ -51,6 +51,8 @@ def download_model(model: str) -> str:
 
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    except hub_errors.HFValidationError as exc:  # names the Hub refuses, e.g. with '--'
+        raise InvalidArgument(model, f"is not a valid model id: {_first_line(exc)}") from None
     except hub_errors.RevisionNotFoundError:
         raise ModelUnavailable(model, f"revision {revision!r} does not exist in {repo_id}") from None
     except hub_errors.GatedRepoError:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apr_converters.hub import parse_hub_id
+from apr_converters.hub import download_model, parse_hub_id
 from apr_format.errors import InvalidArgument
 
 from apr_testing import FIXTURES, run_apr, run_apr_json
@@ -88,3 +88,8 @@ def test_model_ids_parse(text, expected):
 def test_malformed_model_ids_are_refused(text):
     with pytest.raises(InvalidArgument, match="is not a model id of the form"):
         parse_hub_id(text)
+
+
+def test_ids_the_hub_refuses_are_invalid_arguments():
+    with pytest.raises(InvalidArgument, match=r"^hf://a--b/c: is not a valid model id: Cannot have -- or \.\."):
+        download_model("hf://a--b/c")
