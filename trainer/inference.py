@@ -33,10 +33,6 @@ class LoadedModel:
     label: str  # what the user named (a folder, a GGUF, an hf:// id): used in messages
 
     @property
-    def device(self) -> torch.device:
-        return self.model.head_weight.device
-
-    @property
     def context_length(self) -> int:
         """The longest sequence the model was built for (max_position_embeddings)."""
         return self.model.config.max_position_embeddings
