@@ -1,4 +1,4 @@
-"""MODEL arguments shared by commands: hf:// ids fetched, any format opened as a ready-to-run model."""
+"""Options and loading shared by the commands that run a model (eval, run): any MODEL opened ready to run."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from .render import escape
 
 if TYPE_CHECKING:
     from apr_trainer.inference import LoadedModel
-
-HUB_PREFIX = "hf://"  # also converters.hub.HUB_PREFIX; repeated so .apr paths never import the converters
 
 
 def model_options(command):
@@ -29,15 +27,6 @@ def model_options(command):
     for option in reversed(options):
         command = option(command)
     return command
-
-
-def local_path(path: str) -> str:
-    """`path` unchanged, or the local snapshot folder of an `hf://ORG/NAME[@REVISION]` id."""
-    if not path.startswith(HUB_PREFIX):
-        return path
-    from apr_converters.hub import download_model
-
-    return download_model(path)
 
 
 def warn(message: str) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import click
 
-from apr_trainer.train import TrainConfig, resume_config, train
+from apr_trainer.config import TrainConfig, resume_config
+from apr_trainer.distributed import is_main_process
+from apr_trainer.train import train
 
 from .render import echo_json, escape
 
@@ -63,7 +64,7 @@ def pretrain_cmd(as_json: bool, quiet: bool, **options) -> None:
         if not given.get("data"):
             raise click.UsageError("--data is required (or --resume a run)")
         config = TrainConfig(**given)
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = is_main_process()
     log = (lambda line: None) if quiet or not main_rank else (lambda line: click.echo(escape(line), err=True))
     summary = train(config, log)
     if as_json and main_rank:

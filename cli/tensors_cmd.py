@@ -10,9 +10,8 @@ import click
 
 from apr_format import Flag, open_apr
 
-from .inspect_cmd import is_apr_input
-from .model_input import local_path
 from .render import echo_json, table
+from .sources import is_apr_input, local_path
 
 
 @click.command("tensors")

@@ -133,3 +133,8 @@ def parameters_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         digest.update(name.encode("utf-8"))
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its job (torchrun's RANK; a plain run is rank 0), before `setup`."""
+    return _env_int("RANK", 0) == 0
