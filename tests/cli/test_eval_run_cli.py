@@ -13,8 +13,8 @@ import transformers
 from apr_trainer.data import write_token_file
 
 from apr_testing import (
-    FIXTURES, build_hf_checkpoint, build_hf_checkpoint_with_tokenizer, learnable_tokens, run_apr, run_apr_json,
-    transformers_greedy, transformers_loss,
+    FIXTURES, build_hf_checkpoint, build_hf_checkpoint_with_tokenizer, learnable_tokens, one_line_error, run_apr,
+    run_apr_json, transformers_greedy, transformers_loss,
 )
 
 PROMPT = "the cat sat on the mat and"
@@ -43,12 +43,12 @@ def hf_perplexity(folder: Path, ids: list[int], seq_len: int) -> tuple[float, in
     return math.exp(loss), windows * (seq_len - 1)
 
 
-def one_line_error(proc, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("apr: error: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+def refused(proc, *fragments: str) -> None:
+    """Exit 2, nothing on stdout, one `apr: error:` line holding every fragment."""
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
+        assert fragment in line, line
 
 
 def test_run_greedy_equals_transformers_for_20_tokens(model):
@@ -112,7 +112,7 @@ def test_hostile_chat_template_cannot_reach_python(tmp_path):
     config["chat_template"] = INJECTION % marker
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     proc = run_apr("run", folder, "--chat", "-p", "hi", "-n", "2")
-    one_line_error(proc, f"{folder}: chat template failed: SecurityError")
+    refused(proc, f"{folder}: chat template failed: SecurityError")
     assert not marker.exists()
 
 
@@ -129,16 +129,16 @@ def test_sampling_flags():
 def test_bad_input_is_one_line(hf_qwen2, tmp_path):
     folder = build_hf_checkpoint_with_tokenizer(tmp_path / "q", "qwen2")
     bare = build_hf_checkpoint(tmp_path / "bare", "qwen2", vocab_size=512)  # no tokenizer, no chat template
-    one_line_error(run_apr("run", folder, "-p", "word " * 200, "-n", "4"),
+    refused(run_apr("run", folder, "-p", "word " * 200, "-n", "4"),
                    "apr: error: --prompt: is 601 tokens, the context of", "is 128 tokens; shorten it")
-    one_line_error(run_apr("run", folder, "-p", "hi", "-n", "0"), "apr: error: -n: must be at least 1, got 0")
-    one_line_error(run_apr("run", folder, "-p", "hi", "--top-k", "3"), "--top-k: has no effect with greedy decoding")
-    one_line_error(run_apr("run", hf_qwen2, "-p", "hi"), f"{hf_qwen2}: carries no tokenizer; pass --tokenizer")
-    one_line_error(run_apr("eval", hf_qwen2, "--data", CORPUS), f"{hf_qwen2}: carries no tokenizer; pass --tokenizer")
-    one_line_error(run_apr("run", bare, "--chat", "-p", "hi", "--tokenizer", folder / "tokenizer.json"),
+    refused(run_apr("run", folder, "-p", "hi", "-n", "0"), "apr: error: -n: must be at least 1, got 0")
+    refused(run_apr("run", folder, "-p", "hi", "--top-k", "3"), "--top-k: has no effect with greedy decoding")
+    refused(run_apr("run", hf_qwen2, "-p", "hi"), f"{hf_qwen2}: carries no tokenizer; pass --tokenizer")
+    refused(run_apr("eval", hf_qwen2, "--data", CORPUS), f"{hf_qwen2}: carries no tokenizer; pass --tokenizer")
+    refused(run_apr("run", bare, "--chat", "-p", "hi", "--tokenizer", folder / "tokenizer.json"),
                    "carries no chat template")
-    one_line_error(run_apr("eval", folder, "--data", tmp_path / "nope.txt"), "nope.txt: No such file or directory")
-    one_line_error(run_apr("run", tmp_path / "missing.apr", "-p", "hi"), "missing.apr: No such file or directory")
+    refused(run_apr("eval", folder, "--data", tmp_path / "nope.txt"), "nope.txt: No such file or directory")
+    refused(run_apr("run", tmp_path / "missing.apr", "-p", "hi"), "missing.apr: No such file or directory")
 
 
 def test_tokenizer_flag_supplies_a_missing_tokenizer(hf_qwen2, tmp_path):
@@ -146,7 +146,7 @@ def test_tokenizer_flag_supplies_a_missing_tokenizer(hf_qwen2, tmp_path):
     bare = build_hf_checkpoint(tmp_path / "bare", "qwen2", vocab_size=512)
     result = run_apr_json("run", bare, "-p", "hi", "-n", "3", "--ignore-eos", "--tokenizer", tokenizer)
     assert result["token_count"] == 3
-    one_line_error(run_apr("run", hf_qwen2, "-p", "hi", "--tokenizer", tokenizer),  # 400 tokens, 300 rows
+    refused(run_apr("run", hf_qwen2, "-p", "hi", "--tokenizer", tokenizer),  # 400 tokens, 300 rows
                    "has 400 tokens", "but the model has only 300 embedding rows")
 
 
@@ -156,5 +156,5 @@ def test_an_encoder_is_refused_in_one_line(tmp_path):
                                      intermediate_size=64, max_position_embeddings=64)
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     for command in (("run", tmp_path / "bert", "-p", "hi"), ("eval", tmp_path / "bert", "--data", CORPUS)):
-        one_line_error(run_apr(*command), f"{tmp_path / 'bert'}: architecture 'bert' is not supported")
+        refused(run_apr(*command), f"{tmp_path / 'bert'}: architecture 'bert' is not supported")
     assert list(tmp_path.iterdir()) == [tmp_path / "bert"]  # nothing written beside it

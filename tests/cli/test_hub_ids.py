@@ -10,7 +10,7 @@ import pytest
 from apr_converters.hub import download_model, parse_hub_id
 from apr_format.errors import InvalidArgument
 
-from apr_testing import FIXTURES, run_apr, run_apr_json
+from apr_testing import FIXTURES, one_line_error, run_apr, run_apr_json
 from hub_server import LocalHub
 
 REPO = "tiny-org/tiny-qwen2"
@@ -34,9 +34,7 @@ def hub(tmp_path, monkeypatch):
 
 def _one_line(proc, text: str) -> None:
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("apr: ")]
-    assert lines == [f"apr: error: {text}"], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert one_line_error(proc) == f"apr: error: {text}"
 
 
 def test_download_then_offline_from_the_cache(hub, tmp_path, monkeypatch):
