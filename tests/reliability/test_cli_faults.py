@@ -196,6 +196,22 @@ MATRIX: dict[str, dict[str, Case]] = {
         **{k: v for k, v in writer_faults(lambda out: ("pretrain", "--arch", "tiny", "--data", "{tokens}", "--out",
                                                        out, *TRAIN), "run").items() if k != "output folder missing"},
     },
+    "eval": {
+        "missing model": Case(("eval", "{missing}", "--data", "{corpus}"), "{missing}"),
+        "missing data": Case(("eval", "{apr}", "--data", "{missing}"), "{missing}"),
+        "binary model": Case(("eval", "{noise}", "--data", "{corpus}"), "{noise}"),
+        "broken gguf": Case(("eval", "{noise_gguf}", "--data", "{corpus}"), "{noise_gguf}"),
+        "broken tokenizer": Case(("eval", "{apr}", "--data", "{corpus}", "--tokenizer", "{noise_json}"),
+                                 "{noise_json}"),
+        "malformed model id": Case(("eval", "hf://x", "--data", "{corpus}"), "hf://x", words="not a model id"),
+    },
+    "run": {
+        "missing model": Case(("run", "{missing}", "-p", "hi"), "{missing}"),
+        "binary model": Case(("run", "{noise}", "-p", "hi"), "{noise}"),
+        "broken safetensors": Case(("run", "{noise_st}", "-p", "hi"), "{noise_st}"),
+        "missing tokenizer": Case(("run", "{apr}", "-p", "hi", "--tokenizer", "{missing}"), "{missing}"),
+        "no tokens asked": Case(("run", "{apr}", "-p", "hi", "-n", "0"), "-n", words="at least 1"),
+    },
     "tokenize": {
         "missing input": Case(("tokenize", "{missing}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
                               "{missing}"),
@@ -252,7 +268,9 @@ def test_bad_input_gives_one_line_and_exit_code(command, fault, files):
 def test_stdout_on_a_full_disk(command, files):
     """Output that cannot be written (stdout on a full disk) is an error too: exit 2, one line."""
     args = {"inspect": ("{apr}",), "tensors": ("{apr}",), "validate": ("{apr}",), "diff": ("{apr}", "{hf}"),
-            "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-")}[command]
+            "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-"),
+            "eval": ("{apr}", "--data", "{corpus}", "--seq-len", "32", "--max-tokens", "64"),
+            "run": ("{apr}", "-p", "hi", "-n", "2")}[command]
     with open("/dev/full", "wb") as full:
         proc = subprocess.run([*APR_COMMAND, command, *(files.fill(a) for a in args)], stdout=full,
                               stderr=subprocess.PIPE, env=apr_env(), text=True, check=False)
