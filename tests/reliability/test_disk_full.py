@@ -67,8 +67,13 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (root / "old-hf" / "config.json").write_text("{}\n")
     write_token_file(root / "tokens.bin", [np.random.default_rng(0).integers(0, 512, 20_000)], 512)
     write_token_file(root / "old-tokens.bin", [np.arange(100)], 512)
+    (root / "old.txt").write_text("An old, short corpus.\n")
+    (root / "corpus.txt").write_text((FIXTURES / "tiny-corpus.txt").read_text() * 5)  # tokens over 64 KiB
+    assert run_apr("tokenize", root / "old.txt", "-o", root / "old-run", "--tokenizer",
+                   FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", "-q").returncode == 0
     return {"root": root, "model": model, "old": root / "old.apr", "old_hf": root / "old-hf",
-            "tokens": root / "tokens.bin", "old_tokens": root / "old-tokens.bin"}
+            "tokens": root / "tokens.bin", "old_tokens": root / "old-tokens.bin", "old_run": root / "old-run",
+            "corpus": root / "corpus.txt"}
 
 
 def check_failed_write(proc, dest: Path, old: str | None, folder: Path) -> None:
@@ -84,8 +89,8 @@ WRITES = {
     "convert": (lambda i, d: ["convert", FIXTURES / "tiny-qwen2-hf", "-o", d, "--force", "-q"], "m.apr", "old", 64),
     "export folder": (lambda i, d: ["export", i["model"], "-o", d, "--force", "-q"], "hf", "old_hf", 64),
     "export file": (lambda i, d: ["export", i["model"], "-o", d, "--force", "-q"], "m.safetensors", "old", 64),
-    "tokenize": (lambda i, d: ["tokenize", FIXTURES / "tiny-corpus.txt", "-o", d, "--force", "--tokenizer",
-                               FIXTURES / "tiny-qwen2-hf" / "tokenizer.json"], "t.bin", None, 8),
+    "tokenize": (lambda i, d: ["tokenize", i["corpus"], "-o", d, "--force", "--tokenizer",
+                               FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", "-q"], "t", "old_run", 64),
 }
 
 
@@ -135,8 +140,8 @@ def test_full_disk_while_saving_a_checkpoint(cap_kb, fails, inputs, tmp_path):
 # -- read errors -----------------------------------------------------------------------------
 FAIL_FIFTH_READ = """
 import errno, os
-from apr_converters import mapped, safetensors_io
-from apr_format import writer
+from apr_converters import mapped
+from apr_format import safetensors_writer, writer
 _calls = []
 def _fault(path, start):  # every way a converter reads tensor bytes passes here
     _calls.append(path)
@@ -148,7 +153,7 @@ def _wrap(original):
         return original(src, *args, **kwargs)
     return copy_range
 writer.copy_range = _wrap(writer.copy_range)
-safetensors_io.copy_range = _wrap(safetensors_io.copy_range)
+safetensors_writer.copy_range = _wrap(safetensors_writer.copy_range)
 _stream = mapped.MappedFiles.stream
 def stream(self, file, start, nbytes):
     _fault(file, start)
