@@ -247,6 +247,9 @@ MATRIX: dict[str, dict[str, Case]] = {
 MATRIX["train"] = {name: Case(("train", *case.args[1:]), case.names.replace("apr pretrain", "apr train"),
                               case.code, case.outputs, case.words) for name, case in MATRIX["pretrain"].items()
                    if name in ("missing data", "init with arch", "no data", "output folder read-only")}
+# `apr import` is aprender's name for `apr convert` (same callback): its missing-input fault answers alike.
+MATRIX["import"] = {name: Case(("import", *case.args[1:]), case.names, case.code, case.outputs, case.words)
+                    for name, case in MATRIX["convert"].items() if "missing" in name}
 CASES = [(command, fault) for command in sorted(MATRIX) for fault in MATRIX[command]]
 
 
@@ -275,6 +278,7 @@ def test_stdout_on_a_full_disk(command, files):
     """Output that cannot be written (stdout on a full disk) is an error too: exit 2, one line."""
     args = {"inspect": ("{apr}",), "tensors": ("{apr}",), "validate": ("{apr}",), "diff": ("{apr}", "{hf}"),
             "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-"),
+            "import": ("{hf}", "-o", "{out_dir}/m.apr", "--json"),
             "eval": ("{apr}", "--data", "{corpus}", "--seq-len", "32", "--max-tokens", "64"),
             "run": ("{apr}", "-p", "hi", "-n", "2")}[command]
     with open("/dev/full", "wb") as full:
