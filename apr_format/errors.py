@@ -113,6 +113,10 @@ class InvalidArgument(AprError):
     """Arguments that contradict each other or the input."""
 
 
+class ModelUnavailable(AprError):
+    """A model id (hf://ORG/NAME) could not be resolved: unknown repo or revision, no network, not cached."""
+
+
 class InvalidArchitectureConfig(AprError):
     """A user's architecture JSON (`--arch-config`) is not a usable architecture description."""
 

@@ -11,6 +11,7 @@ from apr_format.sniff import describe, identify
 
 from .options import no_verify_option, output_option, warn_unverified
 from .render import ByteProgress, echo_json, human_bytes, human_count, report_dict
+from .sources import local_path
 
 
 @click.command("convert")
@@ -40,7 +41,7 @@ def convert_cmd(
     lm_head_copy: bool | None, keep_quant: bool, compress: str | None, quantize: str | None, no_verify: bool,
     as_json: bool,
 ) -> None:
-    """Convert SRC (an HF model folder, a .safetensors, GGUF or .apr file) to an .apr file.
+    """Convert SRC (an HF model folder, a .safetensors, GGUF or .apr file, or hf://ORG/NAME[@REVISION]) to an .apr file.
 
     The input is recognised by its content, whatever its name. Conversion is lossless unless
     --dtype or --quantize asks otherwise: HF tensors keep their dtype (bf16 bytes are copied
@@ -56,6 +57,7 @@ def convert_cmd(
       apr convert ./SmolLM2-135M -o smollm2-q4.apr --quantize q4
       apr convert model.apr -o model.zst.apr --compress zstd
     """
+    src = local_path(src)
     kind = identify(src)
     compression = {"zstd": "zstd", "none": None, None: None}[compress]
     with ByteProgress("converting", quiet or as_json) as progress:

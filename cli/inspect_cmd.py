@@ -13,7 +13,7 @@ from apr_format import Flag, open_apr
 from apr_format.param_count import count_parameters
 
 from .render import echo_json, human_bytes, human_count, table
-from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind
+from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind, local_path
 
 # The transformer config keys, shown first (spec: "Metadata").
 ARCH_KEYS = (
@@ -44,7 +44,7 @@ class Entry(NamedTuple):
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def inspect_cmd(path: str, as_json: bool) -> None:
-    """Summarise FILE: an .apr, .safetensors or GGUF file, or an HF model folder.
+    """Summarise FILE: an .apr, .safetensors or GGUF file, an HF model folder or hf://ORG/NAME[@REVISION].
 
     Reads the header, metadata and tensor index only: an .apr's footer checksum is not verified
     (`apr validate` does that); bytes appended after its data are reported.
@@ -53,7 +53,9 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     Examples:
       apr inspect model.apr
       apr inspect SmolLM2-135M.Q8_0.gguf --json
+      apr inspect hf://HuggingFaceTB/SmolLM2-135M
     """
+    path = local_path(path)
     kind = input_kind(path)
     summary = {"apr": summarize_apr, "gguf": summarize_gguf, "hf": summarize_hf}[kind](path)
     if as_json:

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("apr_cli.pretrain_cmd:pretrain_cmd", "Alias of `apr pretrain`."),
     "tokenize": ("apr_cli.tokenize_cmd:tokenize_cmd", "Tokenize text (.txt/.jsonl/.parquet, any size) into token shards for training."),
     "contract": ("apr_cli.contract_cmd:contract_cmd", "Check a falsifier contract file (development, needs a checkout)."),
+    "eval": ("apr_cli.eval_cmd:eval_cmd", "Perplexity of a model on text or tokens."),
+    "run": ("apr_cli.run_cmd:run_cmd", "Generate a continuation of a prompt."),
 }
 
 _NO_SUCH_COMMAND = getattr(click.exceptions, "NoSuchCommand", ())  # click >= 8.4

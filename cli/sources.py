@@ -1,4 +1,4 @@
-"""How commands that read several kinds of input tell them apart (by content), and what they say of checksums."""
+"""How commands tell their inputs apart (by content), resolve hf:// ids, and what they say of checksums."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ def input_kind(path: str) -> str:
     """
     kind = identify(path)
     return {"gguf": "gguf", "safetensors": "hf", "hf-folder": "hf", "folder": "hf"}.get(kind, "apr")
+
+
+HUB_PREFIX = "hf://"  # also converters.hub.HUB_PREFIX; repeated so .apr paths never import the converters
+
+
+def local_path(path: str) -> str:
+    """`path` unchanged, or the local snapshot folder of an `hf://ORG/NAME[@REVISION]` id."""
+    if not path.startswith(HUB_PREFIX):
+        return path
+    from apr_converters.hub import download_model
+
+    return download_model(path)

@@ -13,7 +13,7 @@ from apr_format import Flag, open_apr
 
 from .main import EXIT_CHECK_FAILED
 from .render import echo_json, escape, table
-from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind
+from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind, local_path
 
 _DIGITS = re.compile(r"([0-9]+)")
 
@@ -25,7 +25,7 @@ _DIGITS = re.compile(r"([0-9]+)")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.pass_context
 def tensors_cmd(ctx: click.Context, path: str, pattern: str | None, as_json: bool) -> None:
-    """List the tensors of FILE (.apr, .safetensors, GGUF or HF folder), layers in numeric order.
+    """List the tensors of FILE (.apr, .safetensors, GGUF, HF folder or hf://ORG/NAME[@REVISION]), layers in numeric order.
 
     `offset` is the byte offset in the file. Reads the index only: an .apr's footer checksum is
     not verified (`apr validate` does that).
@@ -35,6 +35,7 @@ def tensors_cmd(ctx: click.Context, path: str, pattern: str | None, as_json: boo
       apr tensors model.apr --filter '*.layers.0.*'
       apr tensors model.gguf --json
     """
+    path = local_path(path)
     kind = input_kind(path)
     listing = {"apr": list_apr, "gguf": list_gguf, "hf": list_hf}[kind](path)
     listing["tensors"].sort(key=lambda t: natural_key(t["name"]))

@@ -61,6 +61,43 @@ def build_hf_checkpoint(
     return folder
 
 
+def build_hf_checkpoint_with_tokenizer(folder: Path, family: str, **overrides) -> Path:
+    """`build_hf_checkpoint` with 512 embedding rows plus the checked-in tiny BPE tokenizer (400 tokens,
+    eos <|im_end|>, a ChatML chat template) from fixtures/tiny-qwen2-hf."""
+    import shutil
+
+    build_hf_checkpoint(folder, family, **{"vocab_size": 512, **overrides})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "tiny-qwen2-hf" / name, folder / name)
+    return folder
+
+
+def transformers_greedy(reference, prompt_ids: list[int], n: int, **kwargs) -> list[int]:
+    """The ids transformers' `generate(do_sample=False)` adds to `prompt_ids` (kwargs: e.g. eos_token_id)."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids)])
+    kwargs.setdefault("pad_token_id", 0)
+    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def transformers_loss(reference, ids, seq_len: int, batch: int = 8) -> tuple[float, int]:
+    """(mean next-token cross-entropy, windows) of a transformers model over the non-overlapping
+    `seq_len` windows of `ids` (last partial window dropped): the perplexity definition of `apr eval`."""
+    import torch
+    import torch.nn.functional as F
+
+    windows = len(ids) // seq_len
+    rows = torch.as_tensor(np.asarray(ids[: windows * seq_len], dtype=np.int64)).view(windows, seq_len)
+    total = 0.0
+    with torch.no_grad():
+        for chunk in rows.split(batch):
+            logits = reference(chunk).logits[:, :-1].double()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"))
+    return total / (windows * (seq_len - 1)), windows
+
+
 def assert_same_folder(source: Path, copy: Path) -> None:
     """Every file of the `source` folder is in `copy` byte for byte, and nothing else is."""
     assert sorted(os.listdir(copy)) == sorted(os.listdir(source))

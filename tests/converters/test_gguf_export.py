@@ -231,7 +231,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(apr_model, hf_bert, tmp_path):
     out = tmp_path / "m.gguf"
     bad = run_apr("export", apr_model, "-o", out, "--outtype", "q4_k")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
-    assert "Invalid value for '--outtype': 'q4_k' is not one of 'auto', 'f32', 'f16', 'bf16', 'q8_0'" in bad.stderr
+    assert "apr: error: --outtype: 'q4_k' is not one of 'auto', 'f32', 'f16', 'bf16', 'q8_0'" in bad.stderr
     with pytest.raises(InvalidArgument, match="--outtype 'q4' is not one of auto, f32, f16, bf16, q8_0"):
         export_apr_to_gguf(apr_model, out, outtype="q4")
     wrong = run_apr("export", apr_model, "-o", tmp_path / "folder", "--outtype", "f16")

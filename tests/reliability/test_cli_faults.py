@@ -196,6 +196,22 @@ MATRIX: dict[str, dict[str, Case]] = {
         **{k: v for k, v in writer_faults(lambda out: ("pretrain", "--arch", "tiny", "--data", "{tokens}", "--out",
                                                        out, *TRAIN), "run").items() if k != "output folder missing"},
     },
+    "eval": {
+        "missing model": Case(("eval", "{missing}", "--data", "{corpus}"), "{missing}"),
+        "missing data": Case(("eval", "{apr}", "--data", "{missing}"), "{missing}"),
+        "binary model": Case(("eval", "{noise}", "--data", "{corpus}"), "{noise}"),
+        "broken gguf": Case(("eval", "{noise_gguf}", "--data", "{corpus}"), "{noise_gguf}"),
+        "broken tokenizer": Case(("eval", "{apr}", "--data", "{corpus}", "--tokenizer", "{noise_json}"),
+                                 "{noise_json}"),
+        "malformed model id": Case(("eval", "hf://x", "--data", "{corpus}"), "hf://x", words="not a model id"),
+    },
+    "run": {
+        "missing model": Case(("run", "{missing}", "-p", "hi"), "{missing}"),
+        "binary model": Case(("run", "{noise}", "-p", "hi"), "{noise}"),
+        "broken safetensors": Case(("run", "{noise_st}", "-p", "hi"), "{noise_st}"),
+        "missing tokenizer": Case(("run", "{apr}", "-p", "hi", "--tokenizer", "{missing}"), "{missing}"),
+        "no tokens asked": Case(("run", "{apr}", "-p", "hi", "-n", "0"), "-n", words="at least 1"),
+    },
     "tokenize": {
         "missing input": Case(("tokenize", "{missing}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
                               "{missing}"),
@@ -231,6 +247,9 @@ MATRIX: dict[str, dict[str, Case]] = {
 MATRIX["train"] = {name: Case(("train", *case.args[1:]), case.names.replace("apr pretrain", "apr train"),
                               case.code, case.outputs, case.words) for name, case in MATRIX["pretrain"].items()
                    if name in ("missing data", "init with arch", "no data", "output folder read-only")}
+# `apr import` is aprender's name for `apr convert` (same callback): its missing-input fault answers alike.
+MATRIX["import"] = {name: Case(("import", *case.args[1:]), case.names, case.code, case.outputs, case.words)
+                    for name, case in MATRIX["convert"].items() if "missing" in name}
 CASES = [(command, fault) for command in sorted(MATRIX) for fault in MATRIX[command]]
 
 
@@ -258,7 +277,10 @@ def test_bad_input_gives_one_line_and_exit_code(command, fault, files):
 def test_stdout_on_a_full_disk(command, files):
     """Output that cannot be written (stdout on a full disk) is an error too: exit 2, one line."""
     args = {"inspect": ("{apr}",), "tensors": ("{apr}",), "validate": ("{apr}",), "diff": ("{apr}", "{hf}"),
-            "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-")}[command]
+            "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-"),
+            "import": ("{hf}", "-o", "{out_dir}/m.apr", "--json"),
+            "eval": ("{apr}", "--data", "{corpus}", "--seq-len", "32", "--max-tokens", "64"),
+            "run": ("{apr}", "-p", "hi", "-n", "2")}[command]
     with open("/dev/full", "wb") as full:
         proc = subprocess.run([*APR_COMMAND, command, *(files.fill(a) for a in args)], stdout=full,
                               stderr=subprocess.PIPE, env=apr_env(), text=True, check=False)
