@@ -6,7 +6,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,29 +45,36 @@ def state_paths(apr_path: str | os.PathLike) -> tuple[Path, Path]:
 
 def save_weights(
     path: str | os.PathLike, params: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], *,
-    dtype: str, tied: bool, flags: int = 0,
+    dtype: str, tied: bool, flags: int = 0, fetch: Callable[[str], torch.Tensor] | None = None,
 ) -> None:
     """Write model weights (canonical HF names) as an .apr, atomically, converting to `dtype`.
 
-    A tied model also gets aprender's `lm_head.weight` copy and `tied_embeddings: true`.
+    A tied model also gets aprender's `lm_head.weight` copy and `tied_embeddings: true`. The file
+    is planned from the shapes of `params`; each tensor's bytes come from `fetch(name)` (default:
+    `params[name]`) when it is written, so a sharded model is gathered one tensor at a time.
     """
     torch_dtype = _TORCH_DTYPES[dtype]
+    fetch = fetch or params.__getitem__
     meta = dict(metadata)
-    tensors = dict(params)
+    sources = {name: name for name in params}
     if tied:
         meta["tied_embeddings"] = True
-        tensors[LM_HEAD] = tensors[EMBED]
+        sources[LM_HEAD] = EMBED
     with AprWriter(path, meta, flags=flags) as writer:
-        for name, tensor in tensors.items():
-            writer.add(name, lambda t=tensor: t.detach().to("cpu", torch_dtype).contiguous(), dtype=dtype,
-                       shape=tuple(tensor.shape))
+        for name, source in sources.items():
+            writer.add(name, lambda s=source: fetch(s).detach().to("cpu", torch_dtype).contiguous(), dtype=dtype,
+                       shape=tuple(params[source].shape))
 
 
-def save_state(apr_path: str | os.PathLike, scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write the training-state sidecars of the checkpoint at `apr_path` (tensors first, JSON last)."""
+def save_state(
+    apr_path: str | os.PathLike, scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+    fetch: Callable[[str], torch.Tensor] | None = None,
+) -> None:
+    """Write the training-state sidecars of the checkpoint at `apr_path` (tensors first, JSON last);
+    `fetch` as in `state_file.write_tensors`."""
     json_path, tensors_path = state_paths(apr_path)
     with replacing(tensors_path) as out:
-        write_tensors(out, tensors)
+        write_tensors(out, tensors, fetch)
     body = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors_file": tensors_path.name, **scalars}
     write_text(json_path, json.dumps(body, indent=1, allow_nan=False))
 
