@@ -22,7 +22,7 @@ from .errors import (
     AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
     UnsupportedFeature,
 )
-from .fileio import crc32
+from .fileio import crc32, crc32_fd
 from .header import Header, unpack_header
 
 _CRC_CHUNK = 16 * 1024 * 1024
@@ -55,7 +55,9 @@ class AprFile:
         self.path = os.fspath(path)
         self._map: mmap.mmap | None = None
         with open(self.path, "rb") as fh:
-            self.file_size = os.fstat(fh.fileno()).st_size
+            stat = os.fstat(fh.fileno())
+            self.file_size = stat.st_size
+            self._identity = (stat.st_dev, stat.st_ino)
             if self.file_size == 0:
                 raise Truncated(self.path, "file is empty")
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -276,11 +278,26 @@ class AprFile:
         view = self._live_view()
         body = self.file_size - FOOTER_SIZE
         (stored,) = struct.unpack_from("<I", view, body)
-        crc = 0
-        for start in range(0, body, _CRC_CHUNK):
-            crc = crc32(view[start : min(start + _CRC_CHUNK, body)], crc)
+        crc = self._crc_unmapped(body)
+        if crc is None:  # the path now names another file: check the bytes this object maps
+            crc = 0
+            for start in range(0, body, _CRC_CHUNK):
+                crc = crc32(view[start : min(start + _CRC_CHUNK, body)], crc)
         if crc != stored:
             raise FooterChecksum(self.path, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
+
+    def _crc_unmapped(self, nbytes: int) -> int | None:
+        """CRC-32 of the first `nbytes` read through a fresh read-only mapping released as it goes, so
+        checking never makes the file resident in this process (a training rank then holds only the rows
+        it reads); None when the path no longer names the file this object opened."""
+        try:
+            with open(self.path, "rb") as fh:
+                stat = os.fstat(fh.fileno())
+                if (stat.st_dev, stat.st_ino) != self._identity or stat.st_size != self.file_size:
+                    return None
+                return crc32_fd(fh.fileno(), 0, nbytes)
+        except OSError:
+            return None
 
     def _live_view(self) -> memoryview:
         if self._map is None:
