@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workload import QWEN25_05B  # noqa: E402
+from workload import QWEN25_05B, qwen2_architecture  # noqa: E402
 
 SEQ = 2048
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}  # dense bf16 FLOP/s, SXM parts (the issue's reference)
@@ -43,20 +43,6 @@ VARIANTS = {
 }
 
 
-def architecture(shape: dict):
-    """The trainer's ArchitectureConfig of an HF Qwen2 shape (q/k/v biases, as Qwen2)."""
-    from apr_format.architecture import ArchitectureConfig
-
-    return ArchitectureConfig(
-        family="qwen2", hidden_size=shape["hidden_size"], num_layers=shape["num_hidden_layers"],
-        num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
-        head_dim=shape["hidden_size"] // shape["num_attention_heads"], intermediate_size=shape["intermediate_size"],
-        vocab_size=shape["vocab_size"], max_position_embeddings=shape["max_position_embeddings"],
-        rope_theta=shape["rope_theta"], rms_norm_eps=shape["rms_norm_eps"],
-        tie_word_embeddings=shape["tie_word_embeddings"], attention_bias=True,
-    )
-
-
 def flops_per_token(arch, seq: int) -> float:
     """Training FLOPs per token: 6 N (N = parameters in matmuls: all but an untied input embedding)
     plus the attention term 12 L (heads * head_dim) T (PaLM appendix B)."""
@@ -73,7 +59,7 @@ def _peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process lifetime on CPU
 
 
-def _run_variant(name, spec, shape, weights, ctx, batches, warmup: int, steps: int) -> dict:
+def _run_variant(name, spec, shape, weights, ctx, batches, warmup: int, steps: int, backend: str) -> dict:
     """Train `warmup + steps` steps of one variant and time the last `steps`."""
     import torch
     import torch.nn.functional as F
@@ -90,10 +76,9 @@ def _run_variant(name, spec, shape, weights, ctx, batches, warmup: int, steps: i
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         config = Qwen2Config(**shape, attn_implementation="sdpa", use_cache=False)
-        with torch.device("meta"):
-            model = Qwen2ForCausalLM(config)
-        model.load_state_dict({k: v.clone() for k, v in weights.items()}, strict=False, assign=True)
-        model.tie_weights()
+        model = Qwen2ForCausalLM(config)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # the tied head
         model.to(device)
 
         def loss_of(x, y):
@@ -108,10 +93,9 @@ def _run_variant(name, spec, shape, weights, ctx, batches, warmup: int, steps: i
     else:
         strategy, compile_model, checkpointing = spec
         with torch.device("meta"):
-            model = DecoderLM(architecture(shape))
-        par = parallel.wrap(model, weights, ctx, precision, strategy, compile=compile_model,
-                            activation_checkpointing=checkpointing)
-        loss_of = par.forward
+            model = DecoderLM(qwen2_architecture(shape))
+        par = parallel.wrap(model, weights, ctx, precision, strategy, activation_checkpointing=checkpointing)
+        loss_of = torch.compile(par.forward, backend=backend) if compile_model else par.forward
         optimizer = build_optimizer(par.module, TrainConfig(data="-"), device)
 
         def clip():
@@ -140,7 +124,7 @@ def _run_variant(name, spec, shape, weights, ctx, batches, warmup: int, steps: i
                 optimizer.param_groups[0]["params"])).dtype)}
 
 
-def run(tiny: bool, steps: int, batch: int, warmup: int = 3) -> dict:
+def run(tiny: bool, steps: int, batch: int, backend: str = "inductor", warmup: int = 3) -> dict:
     """Every variant in this process, one after another (a failing one is reported, not fatal)."""
     import torch
 
@@ -149,7 +133,7 @@ def run(tiny: bool, steps: int, batch: int, warmup: int = 3) -> dict:
     shape, seq = (TINY, TINY_SEQ) if tiny else (QWEN25_05B, SEQ)
     ctx = distributed.setup("auto", group_of_one=True)  # FSDP over one rank needs a process group
     try:
-        arch = architecture(shape)
+        arch = qwen2_architecture(shape)
         torch.manual_seed(0)
         from apr_trainer.model import DecoderLM
 
@@ -166,7 +150,7 @@ def run(tiny: bool, steps: int, batch: int, warmup: int = 3) -> dict:
         for variant, spec in VARIANTS.items():
             torch._dynamo.reset()
             try:
-                row = _run_variant(variant, spec, shape, weights, ctx, batches, warmup, steps)
+                row = _run_variant(variant, spec, shape, weights, ctx, batches, warmup, steps, backend)
                 row["mfu"] = per_token * row["tokens_per_s"] / peak if peak else None
             except Exception as exc:  # noqa: BLE001 - reported in the table; the other variants still run
                 row = {"name": variant, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -175,7 +159,7 @@ def run(tiny: bool, steps: int, batch: int, warmup: int = 3) -> dict:
                 torch.cuda.empty_cache()
         return {"device": name, "peak_bf16_flops": peak, "shape": "tiny" if tiny else "Qwen2.5-0.5B",
                 "params": arch.param_count(), "flops_per_token": per_token, "seq_len": seq, "batch": batch,
-                "steps": steps, "warmup": warmup, "torch": torch.__version__, "variants": results}
+                "steps": steps, "warmup": warmup, "compile_backend": backend, "torch": torch.__version__, "variants": results}
     finally:
         distributed.teardown(ctx)
 
@@ -202,10 +186,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shape on any device (CI: CPU)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 3 warm-up steps)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (CI on CPU: aot_eager, which skips C++ code generation)")
     parser.add_argument("--out", default="gpu-check.json", help="JSON report")
     parser.add_argument("--md", default="gpu-check.md", help="markdown table")
     args = parser.parse_args()
-    report = run(args.tiny, args.steps, args.batch)
+    report = run(args.tiny, args.steps, args.batch, args.compile_backend)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     table = markdown(report)
     Path(args.md).write_text(table, encoding="utf-8")

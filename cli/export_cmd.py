@@ -8,8 +8,7 @@ import click
 
 from apr_format.errors import InvalidArgument
 
-from .convert_cmd import ByteProgress, report_dict
-from .render import echo_json, human_bytes
+from .render import ByteProgress, echo_json, human_bytes, report_dict
 
 
 @click.command("export")

@@ -12,6 +12,7 @@ import click
 from apr_format import Flag, open_apr
 
 from .render import echo_json, human_bytes, human_count, table
+from .sources import is_apr_input
 
 # The transformer config keys, shown first (spec: "Metadata").
 ARCH_KEYS = (
@@ -36,11 +37,6 @@ class Entry(NamedTuple):
     shape: tuple[int, ...]
     numel: int
     nbytes: int  # bytes it takes in the file
-
-
-def is_apr_input(path: str) -> bool:
-    """True unless `path` is a folder or a .safetensors file (those are read as HF checkpoints)."""
-    return not (os.path.isdir(path) or path.lower().endswith(".safetensors"))
 
 
 @click.command("inspect")

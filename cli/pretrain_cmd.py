@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import click
 
-from apr_trainer.train import TrainConfig, resume_config, train
+from apr_trainer.config import TrainConfig, resume_config
+from apr_trainer.distributed import is_main_process
+from apr_trainer.train import train
 
 from .render import echo_json, escape
 
@@ -39,6 +40,16 @@ def _d(name: str) -> str:
 @click.option("--weight-decay", "weight_decay", type=float, help=f"AdamW decay on matrices {_d('weight_decay')}.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help=f"{_d('device')}; auto = cuda if available.")
 @click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]),
+              help=f"{_d('strategy')}: under torchrun, ddp replicates the model on every rank, fsdp shards "
+                   "weights, gradients and optimizer state (FSDP2); auto picks fsdp when DDP's 16 bytes per "
+                   "parameter would exceed half of one device's memory. One process: plain (fsdp: one shard).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16-mixed"]),
+              help=f"{_d('precision')}: bf16-mixed computes in bf16 (autocast; FSDP: bf16 parameters, fp32 "
+                   "gradient reduction) over fp32 master weights; auto = bf16-mixed on CUDA GPUs with bf16, "
+                   "else fp32.")
+@click.option("--activation-checkpointing", "activation_checkpointing", is_flag=True, default=None,
+              help="Recompute each decoder layer in backward: same loss and gradients, less activation memory.")
 @click.option("--val-every", "val_every", type=int, help=f"Validate every N steps; 0 = start/end {_d('val_every')}.")
 @click.option("--val-batches", "val_batches", type=int, help=f"Validation batches {_d('val_batches')}.")
 @click.option("--val-fraction", "val_fraction", type=float, help=f"Held-out tail of the data {_d('val_fraction')}.")
@@ -52,7 +63,13 @@ def _d(name: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No log lines on stderr (errors still show).")
 def pretrain_cmd(as_json: bool, quiet: bool, **options) -> None:
-    """Train a decoder LM and write .apr checkpoints; run under `torchrun --nproc_per_node N` for DDP.
+    """Train a decoder LM and write .apr checkpoints; run under `torchrun --nproc_per_node N` for DDP or FSDP.
+
+    \b
+    Example:
+      apr pretrain --init qwen.apr --data corpus.bin --out run/
+      torchrun --nproc_per_node 8 $(which apr) pretrain --init qwen7b.apr --data corpus.bin --out run/ \\
+          --strategy fsdp --precision bf16-mixed --activation-checkpointing
 
     Metrics go to RUN_DIR/metrics.jsonl (one JSON object per step); logs to stderr.
     """
@@ -63,7 +80,7 @@ def pretrain_cmd(as_json: bool, quiet: bool, **options) -> None:
         if not given.get("data"):
             raise click.UsageError("--data is required (or --resume a run)")
         config = TrainConfig(**given)
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = is_main_process()
     log = (lambda line: None) if quiet or not main_rank else (lambda line: click.echo(escape(line), err=True))
     summary = train(config, log)
     if as_json and main_rank:

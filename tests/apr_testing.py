@@ -1,9 +1,13 @@
-"""Test helpers importable from any test: tiny real HF checkpoints, a CLI runner, token streams, run metrics."""
+"""Test helpers importable from any test: tiny real HF checkpoints and their .apr, the one CLI runner (with
+fault injection), leftover detection, token streams, run metrics. Tests import this module, never conftest."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +20,8 @@ GOLDEN = FIXTURES / "golden"
 # The console script installed next to this interpreter (what users run); `-m` as a fallback.
 _SCRIPT = Path(sys.executable).with_name("apr")
 APR_COMMAND = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "apr_cli.main"]
+# The one temp name all our writers use, for files and folders alike: `.{destination name}.{8 chars}.apr-tmp`.
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.apr-tmp$")
 
 # Small shapes with the features that matter: GQA, q/k/v biases (qwen2), tied and untied heads.
 TINY_QWEN2 = dict(
@@ -49,20 +55,90 @@ def build_hf_checkpoint(
     return folder
 
 
-def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None = None) -> subprocess.CompletedProcess:
-    """Run the installed `apr` CLI in a subprocess and capture its output as text."""
-    env = {**os.environ, "NO_COLOR": "1"}
+def apr_from_hf(folder: Path, out: Path, dtype=None, *, lm_head_copy: bool = False) -> Path:
+    """Write an HF folder's model.safetensors as .apr without the converter: HF names, canonical
+    architecture metadata, tensors cast to the torch `dtype` if given. `lm_head_copy` stores a tied
+    model's head as a copy of the embedding with `tied_embeddings: true`, the way aprender's importer does."""
+    from safetensors.torch import load_file
+
+    from apr_format import save_apr
+    from apr_format.architecture import ArchitectureConfig
+
+    arch = ArchitectureConfig.from_metadata({"hf_config": json.loads((folder / "config.json").read_text())})
+    tensors = load_file(folder / "model.safetensors")
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    metadata = arch.to_metadata()
+    if lm_head_copy and arch.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        metadata["tied_embeddings"] = True
+    save_apr(out, tensors, metadata)
+    return out
+
+
+def apr_env() -> dict[str, str]:
+    """The environment CLI subprocesses run in: no colour, no debug tracebacks, one thread."""
+    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
     env.pop("APR_DEBUG", None)
-    proc = subprocess.run(
-        [*APR_COMMAND, *map(str, args)],
-        capture_output=True, env=env, input=input, timeout=600,
-    )
+    return env
+
+
+def _limits(fsize: int | None):
+    """preexec_fn: cap the size of any file the child writes; writes past it fail with EFBIG."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death by SIGXFSZ
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return apply if fsize is not None else None
+
+
+def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None = None, fsize: int | None = None,
+            prelude: str | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `apr` CLI in a subprocess and capture its output as text.
+
+    `fsize` caps the size of any file it writes (EFBIG past it); `prelude` is Python run before the
+    CLI in the same process (for injected faults).
+    """
+    if prelude is None:
+        command = [*APR_COMMAND, *map(str, args)]
+    else:
+        code = f"{prelude}\nimport sys\nfrom apr_cli.main import main\nsys.argv = ['apr', *sys.argv[1:]]\nmain()"
+        command = [sys.executable, "-c", code, *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, env=apr_env(), input=input, timeout=timeout, cwd=cwd,
+                          preexec_fn=_limits(fsize), check=False)
     out = subprocess.CompletedProcess(
         proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
     )
     if check and out.returncode != 0:
         raise AssertionError(f"apr {' '.join(map(str, args))} exited {out.returncode}:\n{out.stderr}")
     return out
+
+
+def torchrun(*args: str | os.PathLike, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m apr_cli.main ...` (the same command users run), as text."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "apr_cli.main", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=apr_env(), timeout=timeout, check=False)
+
+
+def popen_apr(*args: str | os.PathLike, cwd: Path | None = None) -> subprocess.Popen:
+    """Start `apr ARGS` without waiting (for the kill tests); output is discarded."""
+    return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=apr_env(), cwd=cwd)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single `apr: error: ...` line of a failed command (asserting there is nothing else)."""
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("apr: error: "), proc.stderr
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden files or folders in `folder` (recursively), sorted: our temps, or any other writer's."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, dirs, files in os.walk(folder) for name in dirs + files if name.startswith("."))
 
 
 def run_apr_json(*args: str | os.PathLike) -> dict:
@@ -83,3 +159,61 @@ def learnable_tokens(n: int, vocab: int, *, step: int = 7, offset: int = 3, nois
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """Every record of a training run's metrics.jsonl."""
     return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def env_cases(name: str, default: int) -> int:
+    """A case count from the environment (APR_FUZZ_CASES, APR_CRASH_CASES), else `default`."""
+    return int(os.environ.get(name, default))
+
+
+def record(test: str, **numbers) -> None:
+    """Append a test's case counts to the file named by APR_RELIABILITY_STATS (for the README table)."""
+    target = os.environ.get("APR_RELIABILITY_STATS")
+    if target:
+        with open(target, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"test": test, **numbers}) + "\n")
+
+
+# A tiny Qwen2 (q/k/v biases, GQA, tied head) small enough to build in numpy in microseconds.
+TINY_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 16, "vocab_size": 16,
+    "max_position_embeddings": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "hidden_act": "silu", "torch_dtype": "float32",
+}
+
+
+def qwen2_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape of a tied Qwen2 with `config`'s sizes."""
+    h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    hd, inter, vocab = h // heads, config["intermediate_size"], config["vocab_size"]
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.q_proj.bias": (heads * hd,),
+            p + "self_attn.k_proj.weight": (kv * hd, h), p + "self_attn.k_proj.bias": (kv * hd,),
+            p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.v_proj.bias": (kv * hd,),
+            p + "self_attn.o_proj.weight": (h, heads * hd),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        })
+    return shapes
+
+
+def qwen2_tensors(config: dict = TINY_CONFIG, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random weights for every tensor of `qwen2_shapes(config)`."""
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+            for name, shape in qwen2_shapes(config).items()}
+
+
+def write_hf_folder(folder: Path, config: dict = TINY_CONFIG, seed: int = 0) -> Path:
+    """An HF-style folder (config.json + model.safetensors) written without transformers."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(qwen2_tensors(config, seed), folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

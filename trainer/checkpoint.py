@@ -1,4 +1,5 @@
-"""Training checkpoints: weights as .apr, training state beside it as safetensors tensors + JSON scalars."""
+"""Training checkpoints: weights as .apr, training state beside it as safetensors tensors + JSON scalars;
+`Checkpointer` saves and restores a run's."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,8 +18,19 @@ from apr_format import AprWriter, Flag
 from apr_format.atomic import link_into_place, replacing
 from apr_format.errors import CorruptSource, InvalidArgument
 
-from .state_file import write_tensors
-from .tokenization import carried_tokenizer_text
+from . import distributed
+from .optim import schedule_record
+from .state_file import TensorFile, write_tensors
+from .tokenization import HF_FILES_KEY, TOKENIZER_KEY, carried_tokenizer_text
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .data import TokenDataset
+    from .distributed import DistContext
+    from .inputs import ModelSource
+    from .loop import TrainState
+    from .parallel import Parallel
+    from .precision import Precision
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "final.apr"
@@ -25,6 +38,8 @@ STATE_JSON = ".state.json"  # scalars; written last, so its presence marks a com
 STATE_TENSORS = ".state.safetensors"  # optimizer moments, RNG states, fp32 master weights if needed
 STATE_FORMAT = "apr-train-state"
 STATE_VERSION = 1
+SAMPLER = "seeded-windows-v1"  # windows of step s come from SeedSequence([seed, s]) (data.TokenDataset)
+MASTER_PREFIX = "master."  # fp32 master weights in the state file, when the .apr holds rounded ones
 _STEP_FILE = re.compile(r"^step-(\d+)\.apr$")
 _TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # aprender's runtime looks up lm_head.weight first (spec: "Tied embeddings").
@@ -80,16 +95,41 @@ def save_state(
 
 
 def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The scalars and tensors saved beside a checkpoint.
+    """The scalars and tensors saved beside a checkpoint, every tensor read whole (training reads
+    only its rows: `open_state`).
 
     Raises:
         InvalidArgument: the checkpoint has no training state (weights only: use --init).
         CorruptSource: unreadable sidecars.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    scalars = load_scalars(apr_path)
+    tensors = open_state(apr_path)
+    return scalars, {name: tensors[name][...] for name in tensors}
 
-    json_path, tensors_path = state_paths(apr_path)
+
+def open_state(apr_path: str | os.PathLike) -> TensorFile:
+    """The state tensors saved beside a checkpoint, memory-mapped: each rank reads only the rows it holds.
+
+    Raises:
+        CorruptSource: an unreadable sidecar.
+    """
+    from safetensors import SafetensorError
+
+    tensors_path = state_paths(apr_path)[1]
+    try:
+        return TensorFile(tensors_path)
+    except (SafetensorError, OSError) as exc:
+        raise CorruptSource(tensors_path, f"cannot read training state: {exc}") from None
+
+
+def load_scalars(apr_path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON scalars saved beside a checkpoint (its commit marker), without the tensors.
+
+    Raises:
+        InvalidArgument: the checkpoint has no training state (weights only: use --init).
+        CorruptSource: unreadable JSON.
+    """
+    json_path = state_paths(apr_path)[0]
     if not json_path.exists():
         raise InvalidArgument(
             apr_path, f"has no training state beside it ({json_path.name}); it holds weights only: "
@@ -103,11 +143,7 @@ def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         raise CorruptSource(json_path, f"not an {STATE_FORMAT} file")
     if scalars.get("version") != STATE_VERSION:
         raise CorruptSource(json_path, f"state version {scalars.get('version')!r}, this apr reads {STATE_VERSION}")
-    try:
-        tensors = load_file(os.fspath(tensors_path))
-    except (SafetensorError, OSError) as exc:
-        raise CorruptSource(tensors_path, f"cannot read training state: {exc}") from None
-    return scalars, tensors
+    return scalars
 
 
 def resolve_resume(path: str | os.PathLike) -> Path:
@@ -131,6 +167,12 @@ def resolve_resume(path: str | os.PathLike) -> Path:
     return max(found)[1]
 
 
+def run_dir_of(ckpt: str | os.PathLike) -> Path:
+    """RUN_DIR of RUN_DIR/checkpoints/step-N.apr (the checkpoint's folder otherwise)."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
+
+
 def optimizer_tensors(
     optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str]
 ) -> dict[str, torch.Tensor]:
@@ -144,28 +186,33 @@ def optimizer_tensors(
 
 
 def restore_optimizer(
-    optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str], tensors: Mapping[str, torch.Tensor],
-    source: str | os.PathLike,
+    optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str], tensors: Mapping[str, Any],
+    source: str | os.PathLike, place: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ) -> int:
     """Load per-parameter state saved by `optimizer_tensors`; returns the number of parameters restored.
 
-    Hyperparameters come from the fresh optimizer (they follow the run's config).
+    Hyperparameters come from the fresh optimizer (they follow the run's config). A saved field
+    shaped like its parameter goes through `place(param, stored)` (e.g. `Parallel.place`, which
+    reads only this rank's rows of a sharded parameter); other fields (AdamW's step) are read whole.
 
     Raises:
         CorruptSource: a parameter has no saved state, or the state names a parameter we do not have.
     """
     state = optimizer.state_dict()
-    index = {}
+    index, params = {}, {}
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
-        index.update({names[p]: i for p, i in zip(group["params"], saved_group["params"], strict=True)})
+        for p, i in zip(group["params"], saved_group["params"], strict=True):
+            index[names[p]], params[names[p]] = i, p
     restored: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
+    for key in tensors:
         if not key.startswith("optim."):
             continue
         name, field = key[len("optim."):].rsplit(".", 1)
         if name not in index:
             raise CorruptSource(source, f"optimizer state for unknown parameter {name!r}")
-        restored.setdefault(index[name], {})[field] = value
+        stored, param = tensors[key], params[name]
+        shaped = place is not None and tuple(stored.shape) == tuple(param.shape)
+        restored.setdefault(index[name], {})[field] = place(param, stored) if shaped else stored[...]
     missing = sorted(set(index) - {n for n, i in index.items() if i in restored})
     if restored and missing:
         raise CorruptSource(source, f"optimizer state lacks {len(missing)} parameters, e.g. {missing[0]!r}")
@@ -182,12 +229,12 @@ def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_rng(tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+def restore_rng(tensors: Mapping[str, Any], device: torch.device) -> None:
     """Put back RNG states saved by `rng_tensors` (CUDA only when both sides used CUDA)."""
     if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+        torch.set_rng_state(tensors["rng.torch"][...].to(torch.uint8))
     if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"].to(torch.uint8), device)
+        torch.cuda.set_rng_state(tensors["rng.cuda"][...].to(torch.uint8), device)
 
 
 def publish_final(checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
@@ -211,3 +258,88 @@ def flags_for(metadata: Mapping[str, Any]) -> int:
     """HAS_VOCAB when the metadata carries a tokenizer (spec: "Tokenizer")."""
     has_vocab = "tokenizer.vocabulary" in metadata or carried_tokenizer_text(metadata) is not None
     return int(Flag.HAS_VOCAB) if has_vocab else 0
+
+
+class Checkpointer:
+    """Saves a run's checkpoints (every rank gathers, the main rank writes) and restores a resumed one.
+
+    It is handed the stateful parts: the wrapped model, the optimizer, and what the files describe
+    (the source's metadata, the config record, the data split).
+    """
+
+    def __init__(self, run_dir: Path, ctx: DistContext, par: Parallel, optimizer: torch.optim.Optimizer,
+                 precision: Precision, config: TrainConfig, config_record: Mapping[str, Any], source: ModelSource,
+                 dataset: TokenDataset, log: Callable[[str], None]) -> None:
+        self.run_dir, self.ctx, self.par, self.optimizer, self.precision = run_dir, ctx, par, optimizer, precision
+        self.config, self.config_record, self.source = config, config_record, source
+        self.dataset, self.log = dataset, log
+        self.names = {p: n for n, p in par.module.named_parameters()}
+        self.replicas: list[str] | None = None
+
+    def restore(self, tensors: Mapping[str, Any]) -> None:
+        """Put back optimizer moments (this rank's rows of each) and RNG states from a checkpoint's state
+        (its fp32 master weights, if any, were loaded with the model: `inputs.build_model`)."""
+        restore_optimizer(self.optimizer, self.names, tensors, self.config.resume or "", place=self.par.place)
+        restore_rng(tensors, self.ctx.device)
+
+    def save(self, state: TrainState, last: bool) -> Path:
+        """Write RUN_DIR/checkpoints/step-N.apr and its state (collective); the last one checks DDP replicas.
+
+        The files are those of a single-process run whatever the strategy: the main rank writes them
+        while every rank takes part in gathering one tensor at a time (sharded ones), so its extra
+        memory is about the largest tensor.
+        """
+        if last:
+            self.replicas = self.par.replica_digests()
+            if self.replicas is not None:
+                self.log(f"replicas: all {len(self.replicas)} ranks hold identical weights "
+                         f"(sha256 {self.replicas[0][:16]}...)")
+        params = dict(self.par.module.named_parameters())
+        tensors = {**optimizer_tensors(self.optimizer, self.names), **rng_tensors(self.ctx.device)}
+        if self.precision.saves_rounded:  # the .apr holds rounded weights; resuming needs the exact ones
+            tensors.update({MASTER_PREFIX + name: p for name, p in params.items()})
+        path = checkpoint_path(self.run_dir, state.step)
+        write = partial(self._write, path, state, params, tensors, self.replicas if last else None)
+        distributed.gather_on_main(self.ctx, {**params, **tensors}, self.par.gather, write)
+        return path
+
+    def publish_final(self, last: Path) -> Path | None:
+        """RUN_DIR/final.apr from the last checkpoint (main rank; None elsewhere)."""
+        return distributed.run_on_main(self.ctx, lambda: publish_final(last, self.run_dir))
+
+    def _write(self, path: Path, state: TrainState, params: Mapping[str, torch.Tensor],
+               tensors: Mapping[str, torch.Tensor], replicas: list[str] | None,
+               fetch: Callable[[str], torch.Tensor]) -> None:
+        val = state.val_loss if state.val_step == state.step else None
+        config, save = self.config, self.precision.save
+        training = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
+                    "init": config.init, "architecture_source": self.source.label, "seed": config.seed}
+        meta = self._metadata(training)
+        save_weights(path, params, meta, dtype=save, tied=self.source.arch.tie_word_embeddings,
+                     flags=flags_for(meta), fetch=fetch)
+        split = self.dataset.split
+        scalars = {
+            "step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
+            "config": dict(self.config_record), "save_dtype": save, "world_size": self.ctx.world_size,
+            "strategy": self.par.strategy, "precision": self.precision.name,
+            "schedule": schedule_record(config, state.step),
+            "data": {"source": self.dataset.stream.source, "num_tokens": len(self.dataset.stream),
+                     "n_train": split.n_train, "n_val": split.n_val, "sampler": SAMPLER, "next_step": state.step},
+            "replica_sha256": replicas,
+        }
+        save_state(path, scalars, tensors, fetch=fetch)
+
+    def _metadata(self, training: dict[str, Any]) -> dict[str, Any]:
+        """The input's metadata (tokenizer keys included) plus `training`; one spelling of the tie flag.
+
+        aprender writes `tied_embeddings` (spec: "Tied embeddings"); the HF spelling is dropped so
+        the file never carries both.
+        """
+        meta = {k: v for k, v in self.source.metadata.items() if k not in ("training", "tie_word_embeddings")}
+        meta["tied_embeddings"] = self.source.arch.tie_word_embeddings
+        if self.config.tokenizer is not None and carried_tokenizer_text(meta) is None:
+            files = dict(meta.get(HF_FILES_KEY) or {})
+            files[TOKENIZER_KEY] = Path(self.config.tokenizer).read_text(encoding="utf-8")
+            meta[HF_FILES_KEY] = files
+        meta["training"] = training
+        return meta

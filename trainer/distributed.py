@@ -103,6 +103,22 @@ def all_reduce_sum(ctx: DistContext, values: Iterable[float]) -> list[float]:
     return tensor.tolist()
 
 
+def one_hot(ctx: DistContext, value: float) -> list[float]:
+    """`value` at this rank's place among zeros: summed over ranks (`all_reduce_sum`), every rank's value."""
+    out = [0.0] * ctx.world_size
+    out[ctx.rank] = float(value)
+    return out
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: allocated on its GPU (CUDA), else its peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def all_gather_strings(ctx: DistContext, value: str) -> list[str]:
     """`value` from every rank, in rank order."""
     if not ctx.enabled:
@@ -177,3 +193,8 @@ def gather_on_main(
                 break
             gather(tensors[names[wanted]])
     return run_on_main(ctx, on_main)
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its job (torchrun's RANK; a plain run is rank 0), before `setup`."""
+    return _env_int("RANK", 0) == 0

@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import ContextManager
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from . import distributed, sharding
 from .distributed import DistContext
@@ -52,6 +53,15 @@ class Parallel:
             return self._ddp.no_sync()
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[torch.nn.Module]:
+        """The model in eval mode for forwards without gradients; back in train mode afterwards."""
+        self.module.eval()
+        try:
+            yield self.module
+        finally:
+            self.module.train()
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm to `max_norm` (0 = no clipping); returns the norm before clipping."""
         return sharding.clip_grad_norm_(self.module.parameters(), max_norm if max_norm > 0 else math.inf)
@@ -92,6 +102,16 @@ class Sharded(Parallel):
         self._ddp = None
         self.forward = torch.compile(module) if compile else module
 
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[torch.nn.Module]:
+        """As `Parallel.evaluating`; afterwards every unit is resharded (forwards without a backward
+        leave the root's parameters gathered, which the next training step must not find)."""
+        with super().evaluating() as module:
+            yield module
+        for unit in self.module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+
     def accumulate(self, last_micro_step: bool) -> ContextManager[object]:
         """Reduce-scatter gradients only after the last micro-step's backward."""
         self.module.set_requires_gradient_sync(last_micro_step)
@@ -106,7 +126,7 @@ def choose_strategy(requested: str, ctx: DistContext, param_count: int) -> tuple
     `ddp` on one process is plain training; `fsdp` shards even over one rank (same code path).
     """
     if requested == "fsdp":
-        return "fsdp", f"--strategy fsdp over {ctx.world_size} rank(s)"
+        return "fsdp", "--strategy fsdp"
     if ctx.world_size == 1:
         return "single", "one process"
     if requested == "ddp":
@@ -134,11 +154,7 @@ def wrap(model: DecoderLM, weights: Mapping[str, sharding.RowSource], ctx: DistC
 
     Activation checkpointing recomputes each decoder layer in backward (parameter names unchanged).
     """
-    if activation_checkpointing:
-        from torch.distributed._composable import checkpoint
-
-        for layer in model.model.layers:
-            checkpoint(layer)
+    model.checkpoint_layers = activation_checkpointing
     if strategy == "fsdp":
         mesh = sharding.device_mesh(ctx.device, ctx.world_size)
         sharding.shard_decoder(model, mesh, precision.fsdp_policy())

@@ -53,11 +53,19 @@ def write_tensors(
         out.write(flat.view(torch.uint8).numpy().data)
 
 
-class TensorFile(Mapping[str, Any]):
-    """A safetensors file opened memory-mapped: `file[name][start:stop]` reads only those rows.
+class StoredTensor:
+    """One tensor of a `TensorFile`, not yet read: `shape`, and `[...]` or `[start:stop]` to read it or rows of it."""
 
-    Values are safetensors slices (`get_shape()`, `[a:b]`); `tensor(name)` reads a whole one.
-    """
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.shape = torch.Size(handle.get_shape())
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._handle[index]
+
+
+class TensorFile(Mapping[str, StoredTensor]):
+    """A safetensors file opened memory-mapped: `file[name][start:stop]` reads only those rows."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         from safetensors import safe_open
@@ -66,17 +74,13 @@ class TensorFile(Mapping[str, Any]):
         self._file = safe_open(self.path, framework="pt", device="cpu")
         self._names = tuple(self._file.keys())
 
-    def __getitem__(self, name: str) -> Any:
+    def __getitem__(self, name: str) -> StoredTensor:
         if name not in self._names:
             raise KeyError(name)
-        return self._file.get_slice(name)
+        return StoredTensor(self._file.get_slice(name))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._names)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """The whole tensor `name`, read into memory."""
-        return self._file.get_tensor(name)

@@ -15,8 +15,7 @@ import pytest
 
 from apr_cli.main import COMMANDS
 
-from apr_testing import APR_COMMAND, FIXTURES
-from conftest import TEMP_NAME, apr_env, leftovers, one_line_error, run_cli
+from apr_testing import APR_COMMAND, FIXTURES, TEMP_NAME, apr_env, leftovers, one_line_error, run_apr
 
 
 HF = FIXTURES / "tiny-qwen2-hf"
@@ -55,7 +54,7 @@ def files(tmp_path_factory) -> Files:
     f = Files(root)
     p = f.paths
     p["apr"] = root / "model.apr"
-    assert run_cli("convert", HF, "-o", p["apr"], "-q").returncode == 0
+    assert run_apr("convert", HF, "-o", p["apr"], "-q").returncode == 0
     p["hf"] = HF
     p["tokenizer"] = TOKENIZER
     p["corpus"] = CORPUS
@@ -238,7 +237,7 @@ def test_every_command_has_fault_cases():
 @pytest.mark.parametrize("command,fault", CASES, ids=[f"{c}: {f}" for c, f in CASES])
 def test_bad_input_gives_one_line_and_exit_code(command, fault, files):
     case = MATRIX[command][fault]
-    proc = run_cli(*(files.fill(a) for a in case.args), cwd=files.root)
+    proc = run_apr(*(files.fill(a) for a in case.args), cwd=files.root)
     line = one_line_error(proc)
     assert proc.returncode == case.code, proc.stderr
     assert proc.stdout == "" and line.isprintable(), (proc.stdout, line)
@@ -264,7 +263,7 @@ def test_stdout_on_a_full_disk(command, files):
 
 def test_validate_of_a_broken_file_is_a_check_failure_not_an_error(files):
     """The one documented exit 1: validate read the file and found it broken (the report is the output)."""
-    proc = run_cli("validate", files.paths["noise"])
+    proc = run_apr("validate", files.paths["noise"])
     assert proc.returncode == 1 and proc.stderr == "" and "INVALID" in proc.stdout
 
 

@@ -22,8 +22,7 @@ import pytest
 from apr_format import save_apr
 from apr_trainer.data import write_token_file
 
-from apr_testing import APR_COMMAND, FIXTURES
-from conftest import apr_env, leftovers, one_line_error, run_cli
+from apr_testing import APR_COMMAND, FIXTURES, apr_env, leftovers, one_line_error, run_apr
 
 
 FULL = ("File too large", "No space left on device")
@@ -62,7 +61,7 @@ def digest(path: Path) -> str:
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     model = root / "model.apr"
-    assert run_cli("convert", FIXTURES / "tiny-qwen2-hf", "-o", model, "-q").returncode == 0
+    assert run_apr("convert", FIXTURES / "tiny-qwen2-hf", "-o", model, "-q").returncode == 0
     save_apr(root / "old.apr", {"old": np.zeros(4, np.float32)})
     (root / "old-hf").mkdir()
     (root / "old-hf" / "config.json").write_text("{}\n")
@@ -102,7 +101,7 @@ def test_full_disk_while_writing(command, with_old, way, inputs, tmp_path):
         if with_old:
             (shutil.copytree if inputs[old_key].is_dir() else shutil.copyfile)(inputs[old_key], dest)
         old = digest(dest) if with_old else None
-        proc = run_cli(*args(inputs, dest), fsize=cap)
+        proc = run_apr(*args(inputs, dest), fsize=cap)
         check_failed_write(proc, dest, old, folder)
 
 
@@ -124,12 +123,12 @@ def test_full_disk_while_saving_a_checkpoint(cap_kb, fails, inputs, tmp_path):
     """The weights (560 KiB) or the optimizer state (850 KiB) do not fit: exit 2, no checkpoint counts as complete,
     no temp file; --resume then says there is nothing to resume instead of loading half a checkpoint."""
     run = tmp_path / "run"
-    proc = run_cli("pretrain", "--data", inputs["tokens"], "--out", run, *TRAIN, fsize=cap_kb * 1024)
+    proc = run_apr("pretrain", "--data", inputs["tokens"], "--out", run, *TRAIN, fsize=cap_kb * 1024)
     line = one_line_error(proc)
     assert proc.returncode == 2 and fails in line and line.endswith(FULL), line
     assert leftovers(run) == []
     assert not list((run / "checkpoints").glob("*.state.json"))
-    resumed = run_cli("pretrain", "--resume", run)
+    resumed = run_apr("pretrain", "--resume", run)
     assert resumed.returncode == 2 and "no complete checkpoint" in one_line_error(resumed)
 
 
@@ -168,7 +167,7 @@ def test_read_error_mid_write_leaves_nothing(command, with_old, inputs, tmp_path
     if with_old:
         shutil.copyfile(inputs["old"], dest)
     old = digest(dest) if with_old else None
-    proc = run_cli(command, src, "-o", dest, "--force", "-q", prelude=EIO)
+    proc = run_apr(command, src, "-o", dest, "--force", "-q", prelude=EIO)
     line = one_line_error(proc)
     assert proc.returncode == 2 and line.endswith("Input/output error") and str(src) in line, line
     assert (digest(dest) if dest.exists() else None) == old
@@ -185,12 +184,12 @@ def test_source_truncated_mid_convert(inputs, tmp_path):
     dest.parent.mkdir()
     shutil.copyfile(inputs["old"], dest)
     old = digest(dest)
-    proc = run_cli("convert", src, "-o", dest, "--force", "-q", prelude=TRUNCATE)
+    proc = run_apr("convert", src, "-o", dest, "--force", "-q", prelude=TRUNCATE)
     assert proc.returncode in (2, -7), proc  # a clean error, or SIGBUS
     assert digest(dest) == old
     if proc.returncode == 2:
         assert one_line_error(proc) and leftovers(dest.parent) == []
     shutil.rmtree(src)
     shutil.copytree(FIXTURES / "tiny-qwen2-hf", src)
-    assert run_cli("convert", src, "-o", dest, "--force", "-q").returncode == 0
+    assert run_apr("convert", src, "-o", dest, "--force", "-q").returncode == 0
     assert leftovers(dest.parent) == [] and digest(dest) != old

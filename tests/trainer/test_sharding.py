@@ -1,5 +1,5 @@
-"""FSDP pieces over 2 gloo processes: each rank reads only its rows, gathered saves equal one-process saves,
-a failing write on rank 0 stops every rank, and sharded clipping uses the whole model's norm."""
+"""FSDP pieces over 2 gloo processes: each rank reads only its rows, a gathered save is byte-identical to
+a one-process save, and a failing write on rank 0 stops every rank."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from apr_format import open_apr, save_apr
+from apr_format import open_apr
+from apr_format.errors import AprError
 from apr_trainer import checkpoint, distributed, parallel
 from apr_trainer.model import DecoderLM
 from apr_trainer.precision import Precision
@@ -86,11 +87,8 @@ def _rows_read(ctx, tmp_path):
         assert torch.equal(par.gather(param.detach()), weights[name]), name
 
 
-def test_each_rank_reads_only_its_rows(tmp_path):
-    _spawn(_rows_read, tmp_path)
-
-
-def _save_and_fail(ctx, tmp_path):
+def _rows_then_save_then_fail(ctx, tmp_path):
+    _rows_read(ctx, tmp_path)
     _, weights = _model_and_weights()
     par = _fsdp(ctx, weights)
     params = dict(par.module.named_parameters())
@@ -102,16 +100,16 @@ def _save_and_fail(ctx, tmp_path):
         fetch("model.norm.weight")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises((OSError, distributed.AprError)) as caught:
+    with pytest.raises((OSError, AprError)) as caught:
         distributed.gather_on_main(ctx, params, par.gather, broken)
     assert (ctx.rank == 0) == isinstance(caught.value, OSError)
 
 
-def test_gathered_save_equals_one_process_save_and_a_failing_write_stops_every_rank(tmp_path):
+def test_rows_read_per_rank_gathered_save_and_a_failing_write(tmp_path):
     _, weights = _model_and_weights()
     meta = {**preset("tiny").to_metadata(), "note": "gathered"}
     checkpoint.save_weights(tmp_path / "single.apr", weights, meta, dtype="f32", tied=True)
-    _spawn(_save_and_fail, tmp_path)
+    _spawn(_rows_then_save_then_fail, tmp_path)
     with open_apr(tmp_path / "single.apr") as a, open_apr(tmp_path / "sharded.apr") as b:
         assert a.metadata == b.metadata and a.keys() == b.keys()
         assert [a.info(n) for n in a.keys()] == [b.info(n) for n in b.keys()]  # dtype, shape, offsets
