@@ -4,8 +4,11 @@ process (2 gloo ranks), and activation checkpointing's peak memory and step time
 Usage: .venv/bin/python benchmarks/bench_fsdp.py [--quick] [--json]
 
 Each figure is read from the run's own metrics (`peak_memory_mib` per rank: peak RSS on CPU, after
-loading the --init .apr, the step-0 validation and one optimizer step). The model is written once
-to $APR_BENCH_DIR as an f32 .apr. --quick uses a ~12M-parameter model (seconds, not figures).
+loading the --init .apr, the step-0 validation and one optimizer step). Every run gets
+MALLOC_MMAP_THRESHOLD_=1 MiB: glibc otherwise raises its mmap threshold after the first large free,
+so FSDP's per-layer gather buffers (tens of MB, freed after each layer) land in the heap and stay
+in RSS after they are freed; with the fixed threshold RSS counts what is live. The model is
+written once to $APR_BENCH_DIR as an f32 .apr. --quick uses a ~12M-parameter model (seconds, not figures).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ LLAMA_100M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                   intermediate_size=2048, vocab_size=16384)
 LLAMA_QUICK = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=768, vocab_size=8192)
+MMAP_THRESHOLD = 1 << 20  # bytes: allocations above it are mapped, and unmapped when freed (see above)
 FLAGS = ["--batch-size", "4", "--seq-len", "256", "--val-batches", "1", "--val-every", "0", "--save-every", "0",
          "--device", "cpu", "--lr", "1e-4", "--warmup", "1", "--json", "-q"]
 
@@ -63,7 +67,8 @@ print(arch.param_count())
 
 def _pretrain(out: Path, args: list, nproc: int = 1) -> list[dict]:
     """Run one `apr pretrain` (under torchrun when nproc > 1) and return its metrics records."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
+           "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     launcher = ([PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
                  "apr_cli.main"] if nproc > 1 else [APR])
     subprocess.run(["rm", "-rf", str(out)], check=True)
