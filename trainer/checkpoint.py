@@ -16,6 +16,7 @@ import torch
 
 from apr_format import AprWriter, Flag
 from apr_format.atomic import link_into_place, replacing
+from apr_format.constants import DTYPE_BY_NAME
 from apr_format.errors import CorruptSource, InvalidArgument
 
 from . import distributed
@@ -41,7 +42,6 @@ STATE_VERSION = 1
 SAMPLER = "seeded-windows-v1"  # windows of step s come from SeedSequence([seed, s]) (data.TokenDataset)
 MASTER_PREFIX = "master."  # fp32 master weights in the state file, when the .apr holds rounded ones
 _STEP_FILE = re.compile(r"^step-(\d+)\.apr$")
-_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # aprender's runtime looks up lm_head.weight first (spec: "Tied embeddings").
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -68,7 +68,7 @@ def save_weights(
     is planned from the shapes of `params`; each tensor's bytes come from `fetch(name)` (default:
     `params[name]`) when it is written, so a sharded model is gathered one tensor at a time.
     """
-    torch_dtype = _TORCH_DTYPES[dtype]
+    torch_dtype = DTYPE_BY_NAME[dtype].to_torch()
     fetch = fetch or params.__getitem__
     meta = dict(metadata)
     sources = {name: name for name in params}

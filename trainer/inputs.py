@@ -104,6 +104,7 @@ def load_data(config: TrainConfig, source: ModelSource) -> tuple[TokenDataset, l
         notes.append(
             f"warning: {stream.source} was tokenized with a different tokenizer than the one in {source.label}"
         )
+    source.arch.check_sequence_length(config.seq_len, flag="--seq-len")
     dataset = TokenDataset(stream, config.seq_len, config.val_fraction)
     split = dataset.split
     notes.append(f"split: {split.n_train:,} training tokens, last {split.n_val:,} held out for validation")

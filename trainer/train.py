@@ -41,8 +41,9 @@ def train(config: TrainConfig, log: Log = _quiet) -> TrainSummary:
 def _train(config: TrainConfig, ctx: DistContext, log: Log) -> TrainSummary:
     if config.batch_size % ctx.world_size:
         raise InvalidArgument(
-            "--batch-size",
+            None,
             f"{config.batch_size} sequences per micro-step cannot be split evenly over {ctx.world_size} processes",
+            flag="--batch-size",
         )
     resume_ckpt = checkpoint.resolve_resume(config.resume) if config.resume else None
     scalars = checkpoint.load_scalars(resume_ckpt) if resume_ckpt else {}
