@@ -148,7 +148,7 @@ def crc32_fd(fd: int, offset: int, nbytes: int, crc: int = 0) -> int:
             n = min(CHUNK, offset + nbytes - base - pos)
             with memoryview(mapping)[pos : pos + n] as chunk:
                 crc = crc32(chunk, crc)
-            _release(mapping, pos, n)
+            release_pages(mapping, pos, n)
     finally:
         _close(mapping)
     return crc
