@@ -70,6 +70,10 @@ class UnsupportedFeature(AprError):
     """A valid file uses something we do not implement (LZ4, encryption, q4_k dequant...)."""
 
 
+class NotQuantizable(AprError):
+    """Values that a quantized dtype cannot represent (NaN, Inf, beyond the scale's range)."""
+
+
 class UnsupportedArchitecture(AprError):
     """A model family we cannot build or train."""
 

@@ -26,6 +26,7 @@ import bench_fsdp  # noqa: E402
 import bench_inspect  # noqa: E402
 import bench_load  # noqa: E402
 import bench_state  # noqa: E402
+import bench_tokenize  # noqa: E402
 import bench_train  # noqa: E402
 import bench_validate  # noqa: E402
 import workload as workloads  # noqa: E402
@@ -41,6 +42,7 @@ BENCHES = {
     "state": (bench_state.run, 5, 3),
     "train": (lambda w, runs: bench_train.run(runs), 7, 3),
     "fsdp": (lambda w, runs: bench_fsdp.run(quick=w.name == "quick"), 1, 1),
+    "tokenize": (lambda w, runs: bench_tokenize.run(runs, *bench_tokenize.SIZES[w.name == "quick"]), 3, 1),
 }
 
 

@@ -22,8 +22,9 @@ def _d(name: str) -> str:
 @click.command("pretrain")
 @click.option("--init", metavar="MODEL.apr", help="Start from these weights (weights only: new optimizer, step 0).")
 @click.option("--data", "--dataset", "data", metavar="PATH",
-              help="Token .bin (+ .bin.json sidecar; bare = aprender u32), a folder of .bin shards, or text "
-                   "(.txt, .jsonl with \"text\", or a folder of them).")
+              help="Token shards: an `apr tokenize` folder or its index.json, a .bin (+ .bin.json sidecar; bare = "
+                   "aprender u32), a folder or quoted glob of .bin files; or text (.txt/.md, .jsonl, .parquet, "
+                   "+ .gz/.zst, folders, globs), tokenized in memory.")
 @click.option("--out", "out_dir", metavar="RUN_DIR", help="Run folder: metrics.jsonl, checkpoints/, final.apr.")
 @click.option("--resume", metavar="RUN_DIR|CKPT.apr", help="Continue a run exactly where its checkpoint stopped.")
 @click.option("--arch", metavar="NAME", help="Built-in architecture for random init: llama-370m (default), tiny.")

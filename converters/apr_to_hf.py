@@ -153,7 +153,7 @@ def _tensors(apr: AprFile, stream: AprStream, progress: Progress | None) -> tupl
             apr.path, f"tensor {quantized[0]!r} is {apr.info(quantized[0]).dtype}: safetensors cannot hold "
             "quantized tensors (convert from the source without --keep-quant)",
         )
-    head = _head_copy(apr, stream)
+    head = tied_head_copy(apr, stream)
     dropped = [head] if head else []
     infos = [info for info in apr.tensors() if info.name not in dropped]
     total = sum(info.nbytes for info in infos)
@@ -165,7 +165,7 @@ def _tensors(apr: AprFile, stream: AprStream, progress: Progress | None) -> tupl
     return out, dropped
 
 
-def _head_copy(apr: AprFile, stream: AprStream) -> str | None:
+def tied_head_copy(apr: AprFile, stream: AprStream) -> str | None:
     """The name of aprender's lm_head copy when the model is tied, else None.
 
     Raises:

@@ -8,7 +8,7 @@ import os
 import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from .dtype_cast import cast
 from .gguf_tokenizer import tokenizer_files
 from .hf_to_apr import ConversionReport, Progress
 from .metadata import apr_metadata
+from .quantize import QuantReport, check_kind, quantizes
 
 OUT_DTYPES = ("bf16", "f16", "f32")
 # GGML type -> APR dtype with identical block bytes (codes 12 / 14): kept unchanged by --keep-quant.
@@ -68,6 +69,7 @@ def convert_gguf(
     keep_quant: bool = False,
     force: bool = False,
     lm_head_copy: bool = True,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> GgufReport:
     """Write `dst` (.apr) from the GGUF file `src`.
@@ -76,6 +78,7 @@ def convert_gguf(
     family); quantized tensors are dequantized to `dtype`, or with `keep_quant` Q4_K / Q6_K
     are copied raw as APR q4_k / q6_k. A tied model gets `lm_head.weight` as a copy of the
     embedding unless `lm_head_copy` is False. The tokenizer is rebuilt as HF tokenizer.json.
+    `quantize` (q8/q4) packs the tensors aprender quantizes from their float32 values instead.
 
     Raises:
         InvalidArgument, OutputExists, CorruptSource (not GGUF, truncated, inconsistent),
@@ -85,6 +88,9 @@ def convert_gguf(
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype not in OUT_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+    check_kind(quantize, dst)
+    if quantize and keep_quant:
+        raise InvalidArgument(src, "--keep-quant and --quantize contradict each other (choose one)")
     check_output_file(dst, force, src=src)
     reader = open_gguf(src)
     meta = read_metadata(reader, src)
@@ -107,7 +113,7 @@ def convert_gguf(
             src, f"tokenizer has {tok.vocab_size} tokens, more than the model's {config['vocab_size']} rows"
         )
     tied = config["tie_word_embeddings"]
-    entries = _plan(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src)
+    entries = _plan(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src, quantize)
     param_count = sum(_numel(e.shape) for e in entries)
     if tied and lm_head_copy:
         embed = next(e for e in entries if e.name == _EMBED)
@@ -122,16 +128,19 @@ def convert_gguf(
     kept = [e for e in entries if e.dtype in KEEP_RAW.values()]
     if kept:
         metadata["quantization"] = _quantization(kept)
+    quant = QuantReport.for_plan(quantize, [(e.name, e.dtype) for e in entries])
+    if quant is not None:
+        metadata.update(quant.metadata())
     with AprWriter(dst, metadata, flags=flags) as writer:
         for entry in entries:
-            writer.add(entry.name, _loader(entry, progress, total_size), dtype=entry.dtype, shape=entry.shape)
+            writer.add(entry.name, _loader(entry, progress, total_size, quant, src), dtype=entry.dtype, shape=entry.shape)
     return GgufReport(
         source=src, output=dst, architecture=arch, family=family.name, tensor_count=len(entries),
         param_count=param_count, total_size=total_size, bytes_written=os.path.getsize(dst), dtype=dtype,
         dtypes=dict(sorted(Counter(e.dtype for e in entries).items())), lm_head_copy=tied and lm_head_copy,
         carried_files=sorted(extra_files), warnings=warnings,
         source_types=metadata["gguf_tensor_types"], kept_quantized=len(kept), skipped=skipped,
-        tokenizer=tok.model if tok.files else None,
+        tokenizer=tok.model if tok.files else None, quantization=quant.summary() if quant else None,
     )
 
 
@@ -366,7 +375,8 @@ def _quantization(kept: list[_Entry]) -> dict[str, Any]:
 
 # -- planning and loading ----------------------------------------------------------------------
 def _plan(
-    tensors: dict[str, Any], config: dict, family: str, permuted: bool, dtype: str, keep_quant: bool, src: str
+    tensors: dict[str, Any], config: dict, family: str, permuted: bool, dtype: str, keep_quant: bool, src: str,
+    quantize: str | None = None,
 ) -> list[_Entry]:
     """One entry per HF tensor with its output dtype; names and shapes checked against the family.
 
@@ -392,6 +402,8 @@ def _plan(
             )
         _check_type(t, src)
         out = KEEP_RAW[t.tensor_type.name] if keep_quant and t.tensor_type.name in KEEP_RAW else dtype
+        if quantize is not None and quantizes(name, _numel(shape)):
+            out = quantize
         heads_key = permute_heads_key(name) if permuted else None
         entries.append(_Entry(name, t, shape, out, config[heads_key] if heads_key else None))
     return entries
@@ -411,11 +423,16 @@ def _check_type(t: Any, src: str) -> None:
         ) from None
 
 
-def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[], np.ndarray]:
+def _loader(
+    entry: _Entry, progress: Progress | None, total: int, quant: QuantReport | None = None, src: str | None = None
+) -> Callable[[], np.ndarray | bytes]:
     """Zero-argument producer of one output tensor (called once, while the writer streams)."""
 
-    def load() -> np.ndarray:
-        result = _convert(entry)
+    def load() -> np.ndarray | bytes:
+        if quant is not None and entry.dtype == quant.kind:
+            result = quant.pack(entry.name, _convert(replace(entry, dtype="f32")), src)
+        else:
+            result = _convert(entry)
         if progress is not None:
             progress(entry.name, _nbytes(entry), total)
         return result

@@ -97,7 +97,7 @@ def load_data(config: TrainConfig, source: ModelSource) -> tuple[TokenDataset, l
     declared = stream.info.vocab_size if stream.info else None
     max_id = stream.max_id()
     check_vocab(rows, where=source.label, declared=declared, max_id=max_id, exact=source.exact_vocab)
-    notes = [_data_note(stream, max_id, rows, loaded[0] if loaded else None)]
+    notes = [*stream.notes, _data_note(stream, max_id, rows, loaded[0] if loaded else None)]
     carried = carried_tokenizer_text(source.metadata)
     made_with = stream.info.tokenizer_sha256 if stream.info else None
     if made_with and carried is not None and made_with != _sha256(carried):
@@ -108,6 +108,7 @@ def load_data(config: TrainConfig, source: ModelSource) -> tuple[TokenDataset, l
     dataset = TokenDataset(stream, config.seq_len, config.val_fraction)
     split = dataset.split
     notes.append(f"split: {split.n_train:,} training tokens, last {split.n_val:,} held out for validation")
+    notes += dataset.size_warnings(config.batch_size * config.grad_accum, config.val_batches * config.batch_size)
     if config.seq_len > source.arch.max_position_embeddings:
         notes.append(f"warning: --seq-len {config.seq_len} exceeds max_position_embeddings "
                      f"{source.arch.max_position_embeddings} of the architecture")
