@@ -7,7 +7,7 @@ APR := $(VENV)/bin/apr
 # override with `make TORCH=torch test` (or any spec) on a GPU machine.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test demo bench fuzz clean
+.PHONY: install test demo bench gpu-check fuzz clean
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ demo: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
+# One GPU, under 8 minutes: the cuda-marked tests, then the 0.5B-shaped model at seq 2048 (bf16-mixed;
+# eager, compiled, activation checkpointing, FSDP over one rank, transformers' Qwen2 in the same loop).
+# Writes gpu-check.json and gpu-check.md. Needs a CUDA torch: `make TORCH=torch gpu-check`.
+gpu-check: install
+	$(PY) -m pytest -q -m cuda tests
+	$(PY) benchmarks/gpu_check.py --out gpu-check.json --md gpu-check.md
+
 fuzz: install
 	APR_FUZZ_CASES=100000 $(PY) -m pytest -q -n auto tests/format/test_fuzz.py tests/reliability/test_fuzz_pipeline.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out gpu-check.json gpu-check.md

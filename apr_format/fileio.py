@@ -135,6 +135,25 @@ def copy_range(src: FileRange, out_fd: int, crc: int | None = None, writeback: W
     return crc
 
 
+def crc32_fd(fd: int, offset: int, nbytes: int, crc: int = 0) -> int:
+    """`crc` continued over bytes offset..offset+nbytes of the open file `fd` (which must hold them), read
+    through a read-only mapping released chunk by chunk: the process's resident memory stays at one
+    CHUNK however large the range (the pages stay in the page cache)."""
+    if not nbytes:
+        return crc
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fd, offset + nbytes - base, offset=base, access=mmap.ACCESS_READ)
+    try:
+        for pos in range(offset - base, offset - base + nbytes, CHUNK):
+            n = min(CHUNK, offset + nbytes - base - pos)
+            with memoryview(mapping)[pos : pos + n] as chunk:
+                crc = crc32(chunk, crc)
+            release_pages(mapping, pos, n)
+    finally:
+        _close(mapping)
+    return crc
+
+
 def _close(mapping: mmap.mmap) -> None:
     """Unmap; when a failed write (a full disk) still holds a view in its traceback, leave the unmapping
     to the garbage collector rather than turn the OSError into a BufferError."""

@@ -21,11 +21,11 @@ from .constants import (
     MAX_NAME_LENGTH, MAX_NDIM, METADATA_OFFSET, MIN_INDEX_ENTRY_SIZE, DType, Flag,
 )
 from .errors import (
-    AprError, CorruptIndex, CorruptMetadata, MissingTensor, Truncated, UnknownDType,
+    AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
     UnsupportedFeature, from_os_error, json_problem,
 )
-from .fileio import CHUNK, crc32
-from .integrity import StreamingVerifier
+from .fileio import CHUNK, crc32, crc32_fd
+from .integrity import StreamingVerifier, footer_mismatch
 from .header import Header, unpack_header
 
 
@@ -70,7 +70,9 @@ class AprFile(Mapping):
         except OSError as exc:
             raise from_os_error(self.path, exc) from None
         with fh:
-            self.file_size = os.fstat(fh.fileno()).st_size
+            stat = os.fstat(fh.fileno())
+            self.file_size = stat.st_size
+            self._identity = (stat.st_dev, stat.st_ino)
             if self.file_size == 0:
                 raise Truncated(self.path, "file is empty")
             try:
@@ -345,8 +347,28 @@ class AprFile(Mapping):
         Raises:
             FooterChecksum: the stored CRC does not match the content.
         """
-        self._live_view()
-        StreamingVerifier(self).finish()
+        view = self._live_view()
+        body = self.file_size - FOOTER_SIZE
+        crc = self._crc_unmapped(body)
+        if crc is None:  # the path now names another file: check the bytes this object maps
+            StreamingVerifier(self).finish()
+            return
+        (stored,) = struct.unpack_from("<I", view, body)
+        if crc != stored:
+            raise FooterChecksum(self.path, footer_mismatch(stored, crc, self.trailing_bytes))
+
+    def _crc_unmapped(self, nbytes: int) -> int | None:
+        """CRC-32 of the first `nbytes` read through a fresh read-only mapping released as it goes, so
+        checking never makes the file resident in this process (a training rank then holds only the rows
+        it reads); None when the path no longer names the file this object opened."""
+        try:
+            with open(self.path, "rb") as fh:
+                stat = os.fstat(fh.fileno())
+                if (stat.st_dev, stat.st_ino) != self._identity or stat.st_size != self.file_size:
+                    return None
+                return crc32_fd(fh.fileno(), 0, nbytes)
+        except OSError:
+            return None
 
     def _live_view(self) -> memoryview:
         if self._map is None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PYTHON  # noqa: E402
 from table import Row, render, skipped  # noqa: E402
-from workload import QWEN25_05B  # noqa: E402
+from workload import QWEN25_05B, qwen2_architecture  # noqa: E402
 
 GROUP_CPU = "trainer step, CPU, tiny model"
 GROUP_CUDA = "trainer, CUDA, Qwen2.5-0.5B shape, seq 2048, bf16"
@@ -43,20 +43,12 @@ def _models(shape: dict, device: str):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from apr_format.architecture import ArchitectureConfig
     from apr_trainer.model import DecoderLM
 
     torch.manual_seed(0)
     config = Qwen2Config(**shape, attn_implementation="sdpa", use_cache=False)
     hf = Qwen2ForCausalLM(config).to(device)
-    arch = ArchitectureConfig(
-        family="qwen2", hidden_size=shape["hidden_size"], num_layers=shape["num_hidden_layers"],
-        num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
-        head_dim=shape["hidden_size"] // shape["num_attention_heads"], intermediate_size=shape["intermediate_size"],
-        vocab_size=shape["vocab_size"], max_position_embeddings=shape["max_position_embeddings"],
-        rope_theta=shape["rope_theta"], rms_norm_eps=shape["rms_norm_eps"],
-        tie_word_embeddings=shape["tie_word_embeddings"], attention_bias=True,
-    )
+    arch = qwen2_architecture(shape)
     with torch.device(device):
         ours = DecoderLM(arch)
     state = {k: v for k, v in hf.state_dict().items() if k in ours.state_dict()}

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_convert  # noqa: E402
 import bench_export  # noqa: E402
+import bench_fsdp  # noqa: E402
 import bench_inspect  # noqa: E402
 import bench_load  # noqa: E402
 import bench_state  # noqa: E402
@@ -40,6 +41,7 @@ BENCHES = {
     "validate": (bench_validate.run, 5, 3),
     "state": (bench_state.run, 5, 3),
     "train": (lambda w, runs: bench_train.run(runs), 7, 3),
+    "fsdp": (lambda w, runs: bench_fsdp.run(quick=w.name == "quick"), 1, 1),
     "tokenize": (lambda w, runs: bench_tokenize.run(runs, *bench_tokenize.SIZES[w.name == "quick"]), 3, 1),
 }
 

@@ -33,6 +33,20 @@ SHARD_SIZE = {"full": "200MB", "quick": "8MB"}
 _VERSION = "2"  # bump when the way the workload is built changes: cached copies are rebuilt
 
 
+def qwen2_architecture(shape: dict):
+    """The trainer's ArchitectureConfig of an HF Qwen2 config dict (q/k/v biases, as Qwen2 has)."""
+    from apr_format.architecture import ArchitectureConfig
+
+    return ArchitectureConfig(
+        family="qwen2", hidden_size=shape["hidden_size"], num_layers=shape["num_hidden_layers"],
+        num_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"], intermediate_size=shape["intermediate_size"],
+        vocab_size=shape["vocab_size"], max_position_embeddings=shape["max_position_embeddings"],
+        rope_theta=shape["rope_theta"], rms_norm_eps=shape["rms_norm_eps"],
+        tie_word_embeddings=shape["tie_word_embeddings"], attention_bias=True,
+    )
+
+
 @dataclass(frozen=True)
 class Workload:
     """Paths of one cached workload (all built by `ensure`)."""

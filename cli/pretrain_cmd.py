@@ -54,6 +54,16 @@ def _default(name: str) -> dict:
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), help="Where to train; auto = cuda if available.",
               **_default("device"))
 @click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]),
+              help="Under torchrun, ddp replicates the model on every rank, fsdp shards weights, gradients and "
+                   "optimizer state (FSDP2); auto picks fsdp when DDP's 16 bytes per parameter would exceed half "
+                   "of one device's memory. One process: plain (fsdp: one shard).", **_default("strategy"))
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16-mixed"]),
+              help="bf16-mixed computes in bf16 (autocast; FSDP: bf16 parameters, fp32 gradient reduction) over "
+                   "fp32 master weights; auto = bf16-mixed on CUDA GPUs with bf16, else fp32.",
+              **_default("precision"))
+@click.option("--activation-checkpointing", "activation_checkpointing", is_flag=True, default=None,
+              help="Recompute each decoder layer in backward: same loss and gradients, less activation memory.")
 @click.option("--val-every", "val_every", type=int, help="Validate every N steps; 0 = start/end.",
               **_default("val_every"))
 @click.option("--val-batches", "val_batches", type=int, help="Validation batches.", **_default("val_batches"))
@@ -72,7 +82,7 @@ def _default(name: str) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="No log lines on stderr (errors still show).")
 @click.pass_context
 def pretrain_cmd(ctx: click.Context, as_json: bool, quiet: bool, **options) -> None:
-    """Train a decoder LM and write .apr checkpoints; run under `torchrun --nproc_per_node N` for DDP.
+    """Train a decoder LM and write .apr checkpoints; run under `torchrun --nproc_per_node N` for DDP or FSDP.
 
     Metrics go to RUN_DIR/metrics.jsonl (one JSON object per step); logs to stderr.
 
@@ -81,6 +91,8 @@ def pretrain_cmd(ctx: click.Context, as_json: bool, quiet: bool, **options) -> N
       apr pretrain --init model.apr --data docs/ -o run --steps 1000
       apr pretrain --resume run
       torchrun --nproc_per_node 2 -m apr_cli.main pretrain --init model.apr --data tokens.bin -o run
+      torchrun --nproc_per_node 8 $(which apr) pretrain --init qwen7b.apr --data corpus-tok -o run \\
+          --strategy fsdp --precision bf16-mixed --activation-checkpointing
     """
     given = {k: v for k, v in options.items()
              if v is not None and ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}

@@ -163,6 +163,13 @@ def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None =
     return out
 
 
+def torchrun(*args: str | os.PathLike, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m apr_cli.main ...` (the same command users run), as text."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "apr_cli.main", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=apr_env(), timeout=timeout, check=False)
+
+
 def popen_apr(*args: str | os.PathLike, cwd: Path | None = None) -> subprocess.Popen:
     """Start `apr ARGS` without waiting (for the kill tests); output is discarded."""
     return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ from apr_format.errors import CorruptSource, InvalidArgument
 
 from . import distributed
 from .optim import schedule_record
-from .state_file import write_tensors
+from .state_file import TensorFile, write_tensors
 from .tokenization import HF_FILES_KEY, TOKENIZER_KEY, carried_tokenizer_text
 
 if TYPE_CHECKING:
@@ -60,50 +60,66 @@ def state_paths(apr_path: str | os.PathLike) -> tuple[Path, Path]:
 
 def save_weights(
     path: str | os.PathLike, params: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], *,
-    dtype: str, tied: bool, flags: int = 0,
+    dtype: str, tied: bool, flags: int = 0, fetch: Callable[[str], torch.Tensor] | None = None,
 ) -> None:
     """Write model weights (canonical HF names) as an .apr, atomically, converting to `dtype`.
 
-    A tied model also gets aprender's `lm_head.weight` copy and `tied_embeddings: true`.
+    A tied model also gets aprender's `lm_head.weight` copy and `tied_embeddings: true`. The file
+    is planned from the shapes of `params`; each tensor's bytes come from `fetch(name)` (default:
+    `params[name]`) when it is written, so a sharded model is gathered one tensor at a time.
     """
     torch_dtype = DTYPE_BY_NAME[dtype].to_torch()
+    fetch = fetch or params.__getitem__
     meta = dict(metadata)
-    tensors = dict(params)
+    sources = {name: name for name in params}
     if tied:
         meta["tied_embeddings"] = True
-        tensors[LM_HEAD] = tensors[EMBED]
+        sources[LM_HEAD] = EMBED
     with AprWriter(path, meta, flags=flags) as writer:
-        for name, tensor in tensors.items():
-            writer.add(name, lambda t=tensor: t.detach().to("cpu", torch_dtype).contiguous(), dtype=dtype,
-                       shape=tuple(tensor.shape))
+        for name, source in sources.items():
+            writer.add(name, lambda s=source: fetch(s).detach().to("cpu", torch_dtype).contiguous(), dtype=dtype,
+                       shape=tuple(params[source].shape))
 
 
-def save_state(apr_path: str | os.PathLike, scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write the training-state sidecars of the checkpoint at `apr_path` (tensors first, JSON last)."""
+def save_state(
+    apr_path: str | os.PathLike, scalars: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+    fetch: Callable[[str], torch.Tensor] | None = None,
+) -> None:
+    """Write the training-state sidecars of the checkpoint at `apr_path` (tensors first, JSON last);
+    `fetch` as in `state_file.write_tensors`."""
     json_path, tensors_path = state_paths(apr_path)
     with replacing(tensors_path) as out:
-        write_tensors(out, tensors)
+        write_tensors(out, tensors, fetch)
     body = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors_file": tensors_path.name, **scalars}
     write_text(json_path, json.dumps(body, indent=1, allow_nan=False))
 
 
 def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The scalars and tensors saved beside a checkpoint.
+    """The scalars and tensors saved beside a checkpoint, every tensor read whole (training reads
+    only its rows: `open_state`).
 
     Raises:
         InvalidArgument: the checkpoint has no training state (weights only: use --init).
         CorruptSource: unreadable sidecars.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     scalars = load_scalars(apr_path)
+    tensors = open_state(apr_path)
+    return scalars, {name: tensors[name][...] for name in tensors}
+
+
+def open_state(apr_path: str | os.PathLike) -> TensorFile:
+    """The state tensors saved beside a checkpoint, memory-mapped: each rank reads only the rows it holds.
+
+    Raises:
+        CorruptSource: an unreadable sidecar.
+    """
+    from safetensors import SafetensorError
+
     tensors_path = state_paths(apr_path)[1]
     try:
-        tensors = load_file(os.fspath(tensors_path))
+        return TensorFile(tensors_path)
     except (SafetensorError, OSError) as exc:
         raise CorruptSource(tensors_path, f"cannot read training state: {exc}") from None
-    return scalars, tensors
 
 
 def load_scalars(apr_path: str | os.PathLike) -> dict[str, Any]:
@@ -170,28 +186,33 @@ def optimizer_tensors(
 
 
 def restore_optimizer(
-    optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str], tensors: Mapping[str, torch.Tensor],
-    source: str | os.PathLike,
+    optimizer: torch.optim.Optimizer, names: Mapping[torch.nn.Parameter, str], tensors: Mapping[str, Any],
+    source: str | os.PathLike, place: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
 ) -> int:
     """Load per-parameter state saved by `optimizer_tensors`; returns the number of parameters restored.
 
-    Hyperparameters come from the fresh optimizer (they follow the run's config).
+    Hyperparameters come from the fresh optimizer (they follow the run's config). A saved field
+    shaped like its parameter goes through `place(param, stored)` (e.g. `Parallel.place`, which
+    reads only this rank's rows of a sharded parameter); other fields (AdamW's step) are read whole.
 
     Raises:
         CorruptSource: a parameter has no saved state, or the state names a parameter we do not have.
     """
     state = optimizer.state_dict()
-    index = {}
+    index, params = {}, {}
     for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
-        index.update({names[p]: i for p, i in zip(group["params"], saved_group["params"], strict=True)})
+        for p, i in zip(group["params"], saved_group["params"], strict=True):
+            index[names[p]], params[names[p]] = i, p
     restored: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
+    for key in tensors:
         if not key.startswith("optim."):
             continue
         name, field = key[len("optim."):].rsplit(".", 1)
         if name not in index:
             raise CorruptSource(source, f"optimizer state for unknown parameter {name!r}")
-        restored.setdefault(index[name], {})[field] = value
+        stored, param = tensors[key], params[name]
+        shaped = place is not None and tuple(stored.shape) == tuple(param.shape)
+        restored.setdefault(index[name], {})[field] = place(param, stored) if shaped else stored[...]
     missing = sorted(set(index) - {n for n, i in index.items() if i in restored})
     if restored and missing:
         raise CorruptSource(source, f"optimizer state lacks {len(missing)} parameters, e.g. {missing[0]!r}")
@@ -208,12 +229,12 @@ def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_rng(tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+def restore_rng(tensors: Mapping[str, Any], device: torch.device) -> None:
     """Put back RNG states saved by `rng_tensors` (CUDA only when both sides used CUDA)."""
     if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"].to(torch.uint8))
+        torch.set_rng_state(tensors["rng.torch"][...].to(torch.uint8))
     if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"].to(torch.uint8), device)
+        torch.cuda.set_rng_state(tensors["rng.cuda"][...].to(torch.uint8), device)
 
 
 def publish_final(checkpoint: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
@@ -255,24 +276,31 @@ class Checkpointer:
         self.names = {p: n for n, p in par.module.named_parameters()}
         self.replicas: list[str] | None = None
 
-    def restore(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Put back fp32 masters (when saved), optimizer moments and RNG states from a checkpoint's state."""
-        masters = {k[len(MASTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASTER_PREFIX)}
-        if masters:
-            self.par.load_full_state_dict(masters)
-        restore_optimizer(self.optimizer, self.names, tensors, self.config.resume or "")
+    def restore(self, tensors: Mapping[str, Any]) -> None:
+        """Put back optimizer moments (this rank's rows of each) and RNG states from a checkpoint's state
+        (its fp32 master weights, if any, were loaded with the model: `inputs.build_model`)."""
+        restore_optimizer(self.optimizer, self.names, tensors, self.config.resume or "", place=self.par.place)
         restore_rng(tensors, self.ctx.device)
 
     def save(self, state: TrainState, last: bool) -> Path:
-        """Write RUN_DIR/checkpoints/step-N.apr and its state (collective); the last one checks DDP replicas."""
+        """Write RUN_DIR/checkpoints/step-N.apr and its state (collective); the last one checks DDP replicas.
+
+        The files are those of a single-process run whatever the strategy: the main rank writes them
+        while every rank takes part in gathering one tensor at a time (sharded ones), so its extra
+        memory is about the largest tensor.
+        """
         if last:
             self.replicas = self.par.replica_digests()
             if self.replicas is not None:
                 self.log(f"replicas: all {len(self.replicas)} ranks hold identical weights "
                          f"(sha256 {self.replicas[0][:16]}...)")
-        params = self.par.full_state_dict()
+        params = dict(self.par.module.named_parameters())
+        tensors = {**optimizer_tensors(self.optimizer, self.names), **rng_tensors(self.ctx.device)}
+        if self.precision.saves_rounded:  # the .apr holds rounded weights; resuming needs the exact ones
+            tensors.update({MASTER_PREFIX + name: p for name, p in params.items()})
         path = checkpoint_path(self.run_dir, state.step)
-        distributed.run_on_main(self.ctx, partial(self._write, path, state, params, self.replicas if last else None))
+        write = partial(self._write, path, state, params, tensors, self.replicas if last else None)
+        distributed.gather_on_main(self.ctx, {**params, **tensors}, self.par.gather, write)
         return path
 
     def publish_final(self, last: Path) -> Path | None:
@@ -280,27 +308,26 @@ class Checkpointer:
         return distributed.run_on_main(self.ctx, lambda: publish_final(last, self.run_dir))
 
     def _write(self, path: Path, state: TrainState, params: Mapping[str, torch.Tensor],
-               replicas: list[str] | None) -> None:
+               tensors: Mapping[str, torch.Tensor], replicas: list[str] | None,
+               fetch: Callable[[str], torch.Tensor]) -> None:
         val = state.val_loss if state.val_step == state.step else None
         config, save = self.config, self.precision.save
         training = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
                     "init": config.init, "architecture_source": self.source.label, "seed": config.seed}
         meta = self._metadata(training)
         save_weights(path, params, meta, dtype=save, tied=self.source.arch.tie_word_embeddings,
-                     flags=flags_for(meta))
-        tensors = {**optimizer_tensors(self.optimizer, self.names), **rng_tensors(self.ctx.device)}
-        if self.precision.saves_rounded:  # the .apr holds rounded weights; resuming needs the exact ones
-            tensors.update({MASTER_PREFIX + name: p for name, p in params.items()})
+                     flags=flags_for(meta), fetch=fetch)
         split = self.dataset.split
         scalars = {
             "step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
             "config": dict(self.config_record), "save_dtype": save, "world_size": self.ctx.world_size,
+            "strategy": self.par.strategy, "precision": self.precision.name,
             "schedule": schedule_record(config, state.step),
             "data": {"source": self.dataset.stream.source, "num_tokens": len(self.dataset.stream),
                      "n_train": split.n_train, "n_val": split.n_val, "sampler": SAMPLER, "next_step": state.step},
             "replica_sha256": replicas,
         }
-        save_state(path, scalars, tensors)
+        save_state(path, scalars, tensors, fetch=fetch)
 
     def _metadata(self, training: dict[str, Any]) -> dict[str, Any]:
         """The input's metadata (tokenizer keys included) plus `training`; one spelling of the tie flag.

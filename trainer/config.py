@@ -12,6 +12,8 @@ from typing import Any
 from apr_format.errors import InvalidArgument
 
 from . import checkpoint
+from .parallel import STRATEGIES
+from .precision import PRECISIONS
 
 SAVE_DTYPES = ("auto", "f32", "bf16", "f16")
 
@@ -58,6 +60,9 @@ class TrainConfig:
     beta2: float = _setting(0.95, on_resume=_WARN)
     device: str = _setting("auto")
     compile: bool = _setting(False)
+    strategy: str = _setting("auto")  # auto | ddp | fsdp (parallel.choose_strategy)
+    precision: str = _setting("auto")  # auto | fp32 | bf16-mixed (precision.Precision)
+    activation_checkpointing: bool = _setting(False)  # recompute each decoder layer in backward
     val_every: int = _setting(100)  # 0: only at the start and the end
     val_batches: int = _setting(8)  # validation uses up to val_batches * batch_size fixed windows
     val_fraction: float = _setting(0.05, on_resume=_WARN)
@@ -107,6 +112,10 @@ def validate_config(config: TrainConfig) -> None:
         raise InvalidArgument(None, f"must be in [0, 1], got {config.min_lr_ratio}", flag="--min-lr-ratio")
     if config.dtype not in SAVE_DTYPES:
         raise InvalidArgument(None, f"unknown {config.dtype!r} (choose {', '.join(SAVE_DTYPES)})", flag="--dtype")
+    for flag, value, allowed in (("--strategy", config.strategy, STRATEGIES),
+                                 ("--precision", config.precision, PRECISIONS)):
+        if value not in allowed:
+            raise InvalidArgument(None, f"unknown {value!r} (choose {', '.join(allowed)})", flag=flag)
 
 
 def resume_config(resume: str | os.PathLike, overrides: Mapping[str, Any]) -> TrainConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -65,20 +65,26 @@ def _env_int(name: str, default: int) -> int:
         raise InvalidArgument(None, f"environment variable is not an integer: {value!r}", variable=name) from None
 
 
-def setup(device_request: str) -> DistContext:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on CUDA, gloo on CPU)."""
+def setup(device_request: str, group_of_one: bool = False) -> DistContext:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on CUDA, gloo on CPU).
+
+    A single process gets no group unless `group_of_one` (FSDP over one rank runs the sharded code path).
+    """
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     device = resolve_device(device_request, local_rank)
-    if world <= 1:
+    if world <= 1 and not group_of_one:
         return DistContext(0, 1, 0, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return DistContext(rank, world, local_rank, device, backend)
+        if world <= 1:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistContext(rank, max(world, 1), local_rank, device, backend)
 
 
 def teardown(ctx: DistContext) -> None:
@@ -95,6 +101,22 @@ def all_reduce_sum(ctx: DistContext, values: Iterable[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def one_hot(ctx: DistContext, value: float) -> list[float]:
+    """`value` at this rank's place among zeros: summed over ranks (`all_reduce_sum`), every rank's value."""
+    out = [0.0] * ctx.world_size
+    out[ctx.rank] = float(value)
+    return out
+
+
+def peak_memory(device: torch.device) -> int:
+    """This process's peak memory in bytes: allocated on its GPU (CUDA), else its peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def all_gather_strings(ctx: DistContext, value: str) -> list[str]:
@@ -133,6 +155,44 @@ def parameters_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         digest.update(name.encode("utf-8"))
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def gather_on_main(
+    ctx: DistContext, tensors: Mapping[str, torch.Tensor], gather: Callable[[torch.Tensor], torch.Tensor],
+    write: Callable[[Callable[[str], torch.Tensor]], T],
+) -> T | None:
+    """Run `write(fetch)` on the main rank, where `fetch(name)` is `gather(tensors[name])` done by every rank.
+
+    The main rank broadcasts which tensor it wants next and the others join that one gather, until
+    it says it is done: its writer may ask in any order, and holds one gathered tensor at a time.
+    A failure on the main rank stops every rank, as in `run_on_main`.
+    """
+    if not ctx.enabled:
+        return write(lambda name: gather(tensors[name]))
+    names = list(tensors)
+    position = {name: i for i, name in enumerate(names)}
+    signal = torch.zeros(1, dtype=torch.int64, device=ctx.device)
+
+    def fetch(name: str) -> torch.Tensor:
+        signal.fill_(position[name])
+        dist.broadcast(signal, 0)
+        return gather(tensors[name])
+
+    def on_main() -> T:
+        try:
+            return write(fetch)
+        finally:
+            signal.fill_(-1)
+            dist.broadcast(signal, 0)
+
+    if not ctx.is_main:
+        while True:
+            dist.broadcast(signal, 0)
+            wanted = int(signal.item())
+            if wanted < 0:
+                break
+            gather(tensors[names[wanted]])
+    return run_on_main(ctx, on_main)
 
 
 def is_main_process() -> bool:

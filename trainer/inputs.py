@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,10 @@ import torch
 
 from apr_format import open_apr
 from apr_format.architecture import ArchitectureConfig, read_architecture
-from apr_format.errors import InvalidArgument
+from apr_format.errors import CorruptSource, InvalidArgument
 from apr_format.init_tensors import UnusedTensorWarning, expected_parameter_shapes, load_init_tensors
 
-from .checkpoint import STATE_TENSORS
+from .checkpoint import MASTER_PREFIX, STATE_TENSORS
 from .config import TrainConfig
 from .data import TokenDataset, TokenStream, open_tokens
 from .model import DecoderLM
@@ -128,31 +128,48 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def build_model(config: TrainConfig, source: ModelSource, has_masters: bool, log: Log) -> tuple[DecoderLM, str, str]:
-    """The model with its weights (fp32), the log line saying where they came from, and the stored
-    dtype of the source (checkpoints keep it by default). `has_masters`: the resumed state holds fp32
-    master weights, which the checkpointer loads over these."""
+@dataclass
+class ModelWeights:
+    """A model on the meta device and, for each parameter, a whole tensor to read its rows from:
+    zero-copy views of the memory-mapped .apr (in the file's dtype), or the fp32 master weights
+    saved beside a resumed checkpoint. `parallel.wrap` gives each rank only the rows it holds."""
+
+    model: DecoderLM
+    sources: Mapping[str, Any]
+    note: str  # the log line saying where the weights came from
+    source_dtype: str  # the stored float dtype (checkpoints keep it by default)
+
+
+def build_model(config: TrainConfig, source: ModelSource, saved: Mapping[str, Any], log: Log) -> ModelWeights:
+    """The meta-device model of `source` and where each parameter's values come from.
+
+    `saved`: a resumed checkpoint's state tensors; its fp32 masters (when it has them) are read
+    instead of the rounded weights of the .apr. Random init builds the model once in memory.
+    """
     torch.manual_seed(config.seed)
-    if source.weights is None:
+    with torch.device("meta"):
         model = DecoderLM(source.arch)
+    if source.weights is None:
         note = (f"RANDOM INIT of {source.label} (seed {config.seed}) -- no --init given, "
                 "this model starts from scratch")
-        return model, note, "f32"
+        return ModelWeights(model, DecoderLM(source.arch).state_dict(), note, "f32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnusedTensorWarning)
-        tensors = load_init_tensors(source.weights, source.arch, dtype=torch.float32)
+        tensors = load_init_tensors(source.weights, source.arch)  # the file's dtype: views of the mapping
     for warning in caught:
         if issubclass(warning.category, UnusedTensorWarning):
             log(f"warning: {warning.message}")
     expected = expected_parameter_shapes(source.arch)
-    owned = {name: t.to(torch.float32).clone() for name, t in tensors.items()}
-    with torch.device("meta"):
-        model = DecoderLM(source.arch)
-    # strict + assign: a parameter missing from `owned` fails here, so nothing can stay random.
-    model.load_state_dict(owned, strict=True, assign=True)
-    note = f"loaded {len(owned)}/{len(expected)} tensors from {source.weights}"
+    masters = {name: saved[MASTER_PREFIX + name] for name in tensors if MASTER_PREFIX + name in saved}
+    if masters and len(masters) != len(tensors):
+        missing = sorted(set(tensors) - set(masters))
+        raise CorruptSource(source.weights, f"its {STATE_TENSORS} sidecar lacks fp32 master weights for "
+                                            f"{len(missing)} parameter(s), e.g. {missing[0]!r}")
+    # wrap() loads strictly: a parameter missing here fails there, so nothing can stay random.
+    note = f"loaded {len(tensors)}/{len(expected)} tensors from {source.weights}"
     if tensors.dropped_tied_head:
         note += " (its lm_head.weight is the tied copy of the embedding, checked byte for byte)"
-    if has_masters:
+    if masters:
         note += f"; fp32 master weights from {STATE_TENSORS} sidecar"
-    return model, note, tensors.source_dtypes.get("model.embed_tokens.weight", "f32")
+    stored = tensors.source_dtypes.get("model.embed_tokens.weight", "f32")
+    return ModelWeights(model, {**tensors, **masters}, note, stored)

@@ -42,6 +42,7 @@ class Trainer:
         self.start_label = start_label
         self.local_batch = config.batch_size // ctx.world_size
         self.tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+        self.peak_memory: list[int] = []  # bytes, per rank, as of the last step
 
     def run(self) -> dict[str, Any]:
         """Train to config.steps; returns the summary fields the loop knows."""
@@ -62,8 +63,14 @@ class Trainer:
             final = self.checkpointer.publish_final(last_ckpt)
             self.runlog.log(f"saved {last_ckpt} and {final}")
         return dict(end_step=max(state.step, config.steps), start_val_loss=start_val, final_val_loss=state.val_loss,
+                    peak_memory_bytes=self._peak_memory(),
                     final_loss=state.loss, tokens_per_s=self.runlog.mean_rate(), checkpoint=_path(last_ckpt),
                     final=_path(final), replica_sha256=self.checkpointer.replicas)
+
+    def _peak_memory(self) -> list[int]:
+        """Every rank's peak memory so far, in rank order (collective)."""
+        mine = distributed.one_hot(self.ctx, distributed.peak_memory(self.ctx.device))
+        return [int(v) for v in distributed.all_reduce_sum(self.ctx, mine)]
 
     def _due(self, every: int) -> bool:
         """At the last step, and every `every` steps unless it is 0."""
@@ -89,30 +96,37 @@ class Trainer:
         grad_norm = self.par.clip_grad_norm_(config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (total,) = distributed.all_reduce_sum(ctx, [loss_sum.item() / config.grad_accum])
+        total, *peaks = distributed.all_reduce_sum(ctx, [loss_sum.item() / config.grad_accum,
+                                                         *distributed.one_hot(ctx, distributed.peak_memory(device))])
         state.loss = total / ctx.world_size
+        self.peak_memory = [int(p) for p in peaks]
         state.tokens_seen += self.tokens_per_step
         state.step += 1
         elapsed = time.perf_counter() - began
         return {"step": state.step, "loss": state.loss, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": self.tokens_per_step / elapsed, "tokens_seen": state.tokens_seen}
+                "tokens_per_s": self.tokens_per_step / elapsed, "tokens_seen": state.tokens_seen,
+                "strategy": self.par.strategy, "precision": self.precision.name, "world_size": ctx.world_size,
+                "peak_memory_mib": [round(p / 2**20, 1) for p in self.peak_memory]}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean cross-entropy over the fixed validation windows (each rank takes every world_size-th)."""
         starts = self.dataset.val_starts(self.config.val_batches * self.config.batch_size)
         mine = starts[self.ctx.rank :: self.ctx.world_size]
-        model, total, count = self.par.module, 0.0, 0
-        model.eval()
-        for begin in range(0, len(mine), self.local_batch):
-            window = torch.from_numpy(self.dataset.windows(mine[begin : begin + self.local_batch]))
-            window = window.to(self.ctx.device)
-            with self.precision.autocast():
-                loss = model(window[:, :-1], window[:, 1:])
-            tokens = window[:, 1:].numel()
-            total += loss.item() * tokens
-            count += tokens
-        model.train()
+        total, count = 0.0, 0
+        # Every rank runs as many forwards as the rank with the most windows (a sharded model's forward
+        # is collective); a rank out of windows repeats its last one and does not count it.
+        most = -(-len(starts) // self.ctx.world_size)
+        with self.par.evaluating() as model:
+            for begin in range(0, most, self.local_batch):
+                chunk = mine[begin : begin + self.local_batch]
+                window = torch.from_numpy(self.dataset.windows(chunk if len(chunk) else mine[-1:]))
+                window = window.to(self.ctx.device)
+                with self.precision.autocast():
+                    loss = model(window[:, :-1], window[:, 1:])
+                tokens = window[:, 1:].numel() if len(chunk) else 0
+                total += loss.item() * tokens
+                count += tokens
         total, count = distributed.all_reduce_sum(self.ctx, [total, float(count)])
         return total / count
 

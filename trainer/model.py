@@ -183,6 +183,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
+        self.checkpoint_layers = False  # recompute each decoder layer in backward (activation checkpointing)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -207,8 +208,9 @@ class DecoderLM(nn.Module):
         self.config.check_sequence_length(input_ids.shape[1])
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(self.config, input_ids.shape[1], x.device, x.dtype)
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
+            x = checkpoint(layer, x, cos, sin, use_reentrant=False) if recompute else layer(x, cos, sin)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.LongTensor, targets: torch.LongTensor | None = None) -> torch.Tensor:

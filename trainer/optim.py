@@ -21,8 +21,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over `model`'s parameters (fused on CUDA)."""
-    fused = True if device.type == "cuda" else None
+    """AdamW over `model`'s parameters, fused (one kernel for all parameters) where torch has it: CUDA and CPU."""
+    fused = True if device.type in ("cuda", "cpu") else None
     return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                              betas=(config.beta1, config.beta2), eps=1e-8, fused=fused)
 

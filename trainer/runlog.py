@@ -41,6 +41,9 @@ class TrainSummary:
     final: str | None
     world_size: int
     replica_sha256: list[str] | None
+    strategy: str | None  # "single", "ddp" or "fsdp" (None: --check-only)
+    precision: str | None  # "fp32" or "bf16-mixed"
+    peak_memory_bytes: list[int] | None  # per rank: CUDA max allocated, else peak RSS
 
 
 def refuse_existing_run(run_dir: Path) -> None:

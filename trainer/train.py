@@ -31,7 +31,7 @@ def train(config: TrainConfig, log: Log = _quiet) -> TrainSummary:
     input; with --init there is no path that trains from random weights.
     """
     validate_config(config)
-    ctx = distributed.setup(config.device)
+    ctx = distributed.setup(config.device, group_of_one=config.strategy == "fsdp")
     try:
         return _train(config, ctx, log if ctx.is_main else _quiet)
     finally:
@@ -46,7 +46,8 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log) -> TrainSummary:
             flag="--batch-size",
         )
     resume_ckpt = checkpoint.resolve_resume(config.resume) if config.resume else None
-    scalars, saved = checkpoint.load_state(resume_ckpt) if resume_ckpt else ({}, {})
+    scalars = checkpoint.load_scalars(resume_ckpt) if resume_ckpt else {}
+    saved = checkpoint.open_state(resume_ckpt) if resume_ckpt else {}
     source = inputs.model_source(config, resume_ckpt)
     run_dir = Path(config.out_dir) if config.out_dir else checkpoint.run_dir_of(resume_ckpt)
     if resume_ckpt is None and not config.check_only:
@@ -55,9 +56,8 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log) -> TrainSummary:
     log(source.describe())
     log(f"parameters: {arch.param_count():,}")
     dataset, data_notes = inputs.load_data(config, source)
-    has_masters = any(name.startswith(checkpoint.MASTER_PREFIX) for name in saved)
-    model, weights_note, source_dtype = inputs.build_model(config, source, has_masters, log)
-    log(f"weights: {weights_note}")
+    weights = inputs.build_model(config, source, saved, log)
+    log(f"weights: {weights.note}")
     for note in data_notes:
         log(note)
     start_step = int(scalars.get("step", 0))
@@ -69,16 +69,23 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log) -> TrainSummary:
         log("init: weights only -- fresh optimizer, schedule and data position, starting at step 0")
     summary = dict(
         run_dir=os.fspath(run_dir), architecture=dataclasses.asdict(arch), param_count=arch.param_count(),
-        weights=weights_note, start_step=start_step, train_tokens=dataset.split.n_train,
+        weights=weights.note, start_step=start_step, train_tokens=dataset.split.n_train,
         val_tokens=dataset.split.n_val, world_size=ctx.world_size, end_step=start_step, start_val_loss=None,
         final_val_loss=None, final_loss=None, tokens_per_s=None, checkpoint=None, final=None, replica_sha256=None,
+        strategy=None, precision=None, peak_memory_bytes=None,
     )
     if config.check_only:
         log("check only: architecture, weights, tokenizer and data agree; not training")
         return TrainSummary(**{**summary, "run_dir": None})
 
-    precision = Precision.for_run(ctx.device, config.dtype, source_dtype)
-    par = parallel.wrap(model, ctx, compile=config.compile)
+    precision = Precision.for_run(ctx.device, config.precision, config.dtype, weights.source_dtype)
+    strategy, why = parallel.choose_strategy(config.strategy, ctx, arch.param_count())
+    log(f"parallel: {strategy} over {ctx.world_size} rank(s) ({why}); precision {precision.name}"
+        f"{'; activation checkpointing' if config.activation_checkpointing else ''}")
+    par = parallel.wrap(weights.model, weights.sources, ctx, precision, strategy, compile=config.compile,
+                        activation_checkpointing=config.activation_checkpointing)
+    del weights  # the views of the memory-mapped file: each rank keeps only its own rows
+    summary.update(strategy=par.strategy, precision=precision.name)
     optimizer = build_optimizer(par.module, config, ctx.device)
     record = config_record(config)
     checkpointer = checkpoint.Checkpointer(run_dir, ctx, par, optimizer, precision, config, record, source,

@@ -113,3 +113,24 @@ def test_validate_counts_nan_and_inf_across_read_chunks(tmp_path, monkeypatch):
     counts = {t.name: (t.nan, t.inf) for t in report.nonfinite}
     assert counts == {"a": (2, 2), "b": (2, 1)}
     assert [c.name for c in report.checks if c.status == "FAIL"] == ["nan/inf"]
+
+
+def test_crc32_fd_matches_zlib_on_any_range(blob):
+    path, data = blob
+    with open(path, "rb") as fh:
+        assert fileio.crc32_fd(fh.fileno(), 0, len(data)) == zlib.crc32(data)
+        assert fileio.crc32_fd(fh.fileno(), 4097, 3000, 7) == zlib.crc32(data[4097:7097], 7)
+        assert fileio.crc32_fd(fh.fileno(), 10, 0, 5) == 5
+
+
+def test_verify_checks_the_opened_file_even_when_its_path_is_replaced(tmp_path):
+    save_apr(tmp_path / "m.apr", {"w": np.arange(4096, dtype=np.float32)}, {})
+    with open_apr(tmp_path / "m.apr") as f:
+        f.verify()  # through a second mapping of the same file
+        damaged = bytearray((tmp_path / "m.apr").read_bytes())
+        damaged[-100] ^= 0xFF
+        (tmp_path / "other.apr").write_bytes(damaged)
+        os.replace(tmp_path / "other.apr", tmp_path / "m.apr")
+        f.verify()  # the path names another (corrupt) file now: the bytes this object maps are checked
+    with open_apr(tmp_path / "m.apr") as g, pytest.raises(errors.FooterChecksum):
+        g.verify()

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from apr_format import open_apr, save_apr
-from apr_testing import learnable_tokens, read_metrics, run_apr
+from apr_testing import learnable_tokens, read_metrics, run_apr, torchrun
 from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
 from apr_trainer.presets import preset
 
 FLAGS = ["--steps", "6", "--batch-size", "8", "--grad-accum", "2", "--seq-len", "32", "--lr", "3e-3",
          "--warmup", "2", "--val-every", "3", "--save-every", "3", "--device", "cpu", "--log-every", "1"]
-
-
-def torchrun(*args: str | os.PathLike, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N -m apr_cli.main ...` (the same command users run)."""
-    env = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "apr_cli.main", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")
