@@ -113,10 +113,13 @@ def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None =
     return out
 
 
-def popen_apr(*args: str | os.PathLike, cwd: Path | None = None) -> subprocess.Popen:
-    """Start `apr ARGS` without waiting (for the kill tests); output is discarded."""
-    return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=apr_env(), cwd=cwd)
+def popen_apr(*args: str | os.PathLike, cwd: Path | None = None, capture: bool = False,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `apr ARGS` without waiting (for the kill tests); output is discarded unless `capture`
+    (then text pipes: read them with `communicate()`). `env`: extra environment variables."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=out, stderr=out, env={**apr_env(), **(env or {})},
+                            cwd=cwd, text=capture)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
