@@ -135,8 +135,10 @@ def is_finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def refuse_nonfinite(ctx: DistContext, named: Iterable[tuple[str, torch.Tensor]], path: os.PathLike | str) -> None:
-    """Refuse to write checkpoint `path` when any rank's weights hold NaN or Inf (collective).
+def refuse_nonfinite(ctx: DistContext, named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                     path: os.PathLike | str) -> None:
+    """Refuse to write checkpoint `path` when any rank's weights hold NaN or Inf once cast to the saved
+    `dtype` (a finite fp32 weight past f16's range is Inf in an f16 file) (collective).
 
     Raises:
         NonFiniteWeights: naming the first such tensor (on the rank that has it).
@@ -145,10 +147,11 @@ def refuse_nonfinite(ctx: DistContext, named: Iterable[tuple[str, torch.Tensor]]
     with torch.no_grad():
         for name, tensor in named:
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-            if not bool(torch.isfinite(local).all()):
+            if not bool(torch.isfinite(local.to(dtype)).all()):
                 bad = name
                 break
     (count,) = distributed.all_reduce_sum(ctx, [1.0 if bad is not None else 0.0])
     if count:
         what = f"weight {bad!r}" if bad is not None else "a weight held by another rank"
-        raise NonFiniteWeights(path, f"not written: {what} holds NaN or Inf (the previous checkpoint is kept)")
+        raise NonFiniteWeights(path, f"not written: {what} holds NaN or Inf as {str(dtype).removeprefix('torch.')} "
+                                     "(the previous checkpoint is kept)")
