@@ -65,6 +65,9 @@ def _d(name: str) -> str:
               help="Replace a run (with checkpoints) already in --out instead of refusing.")
 @click.option("--strict", is_flag=True, default=None,
               help="Refuse, instead of warning about, a tokenizer that is not the one in the --init file.")
+@click.option("--tensorboard", is_flag=True, default=None,
+              help="Also write TensorBoard event files beside metrics.jsonl (extra: pip install "
+                   "'apr-toolkit[tensorboard]').")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No log lines on stderr (errors still show).")
 def pretrain_cmd(as_json: bool, quiet: bool, **options) -> None:

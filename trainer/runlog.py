@@ -20,6 +20,8 @@ from .distributed import DistContext
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
+EVENTS_GLOB = "events.out.tfevents.*"  # TensorBoard's event files (--tensorboard), beside metrics.jsonl
+TENSORBOARD_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps")
 
 Log = Callable[[str], None]
 
@@ -76,10 +78,21 @@ def check_run_dir(run_dir: Path, *, resuming: bool, force: bool) -> None:
         )
 
 
+def require_tensorboard() -> None:
+    """Raises InvalidArgument (--tensorboard) with the install command when tensorboard is absent."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise InvalidArgument(
+            "--tensorboard", "needs the tensorboard package: pip install 'apr-toolkit[tensorboard]'"
+        ) from None
+
+
 def clear_run(run_dir: Path) -> list[str]:
     """Remove the files an earlier run left in `run_dir` (ours only); returns their names relative to it."""
     ckpt_dir = run_dir / checkpoint.CHECKPOINT_DIR
     owned = [run_dir / METRICS_FILE, run_dir / RUN_FILE, run_dir / checkpoint.FINAL_NAME]
+    owned += sorted(run_dir.glob(EVENTS_GLOB)) if run_dir.is_dir() else []
     owned += sorted(ckpt_dir.glob("step-*")) if ckpt_dir.is_dir() else []
     removed = []
     for path in owned:
@@ -93,11 +106,12 @@ class RunLog:
     """The run's log lines (main rank, through `log`) and its metrics file (main rank only)."""
 
     def __init__(self, run_dir: Path, ctx: DistContext, log: Log, steps: int, log_every: int,
-                 keep_last: int | None = None) -> None:
+                 keep_last: int | None = None, tensorboard: bool = False) -> None:
         self.run_dir, self.ctx, self.log, self.steps, self.log_every = run_dir, ctx, log, steps, log_every
-        self.keep_last = keep_last
+        self.keep_last, self.tensorboard = keep_last, tensorboard
         self.rates: list[float] = []
         self._metrics: IO[str] | None = None
+        self._events: Any = None  # torch.utils.tensorboard.SummaryWriter (main rank, --tensorboard)
         self._began = time.monotonic()
         self._first_step: int | None = None
 
@@ -118,6 +132,10 @@ class RunLog:
             checkpoint.write_text(metrics, "".join(line + "\n" for line in kept))
         checkpoint.write_text(self.run_dir / RUN_FILE, json.dumps(dict(config_record), indent=1) + "\n")
         self._metrics = open(metrics, "a", encoding="utf-8")
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._events = SummaryWriter(log_dir=os.fspath(self.run_dir))
 
     def start(self, step: int, val_loss: float, start_label: str) -> None:
         """The line (and, for a new run, the step-0 record) before any update; the clock starts here."""
@@ -164,11 +182,20 @@ class RunLog:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:
             self._metrics.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
             self._metrics.flush()
+        if self._events is not None:
+            for key in TENSORBOARD_KEYS:
+                value = record.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._events.add_scalar(key, value, record["step"])
+            self._events.flush()
 
 
 def strict_json(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from .guards import NonFiniteGuard, StopSignal
 from .loop import Trainer, TrainState
 from .optim import build_optimizer, capped_warmup
 from .precision import Precision
-from .runlog import RunLog, TrainSummary, check_run_dir
+from .runlog import RunLog, TrainSummary, check_run_dir, require_tensorboard
 
 Log = Callable[[str], None]
 
@@ -51,6 +51,8 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) ->
     resume_ckpt = checkpoint.resolve_resume(config.resume) if config.resume else None
     run_dir = Path(config.out_dir) if config.out_dir else checkpoint.run_dir_of(resume_ckpt)
     check_run_dir(run_dir, resuming=resume_ckpt is not None, force=config.force)
+    if config.tensorboard:
+        require_tensorboard()
     if resume_ckpt is None:
         config, warmup_note = capped_warmup(config)
         if warmup_note:
@@ -94,7 +96,7 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) ->
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     state = TrainState(step=start_step, tokens_seen=int(scalars.get("tokens_seen", start_step * tokens_per_step)),
                        loss=scalars.get("loss"), skipped_steps=int(scalars.get("skipped_steps", 0)))
-    runlog = RunLog(run_dir, ctx, log, config.steps, config.log_every, config.keep_last)
+    runlog = RunLog(run_dir, ctx, log, config.steps, config.log_every, config.keep_last, config.tensorboard)
     runlog.open(start_step, record)
     try:
         trainer = Trainer(config, ctx, dataset, par, optimizer, precision, checkpointer, runlog, state,
