@@ -1,4 +1,4 @@
-"""The library's error types: one subclass per failure, message "{path}: {problem}"."""
+"""The library's error types: one subclass per failure, message "{path, flag or variable}: {problem}"."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import os
 
 
 class AprError(Exception):
-    """Base of every error apr raises for bad input or unusable files."""
+    """Base of every error apr raises for bad input or unusable files.
 
-    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+    It is about one thing, named in the field that says what it is: `path` (a file or folder),
+    `flag` (a command-line option, "--seq-len") or `variable` (an environment variable, "RANK").
+    The message starts with that name.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike | None, problem: str, *, flag: str | None = None, variable: str | None = None
+    ) -> None:
         self.path = os.fspath(path) if path is not None else None
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+        self.flag, self.variable, self.problem = flag, variable, problem
+        subject = next((s for s in (self.path, flag, variable) if s is not None), None)
+        super().__init__(f"{subject}: {problem}" if subject is not None else problem)
 
 
 class BadMagic(AprError):
@@ -44,6 +52,10 @@ class CorruptMetadata(AprError):
 
 class CorruptIndex(AprError):
     """The tensor index is malformed: bounds, names, order, sizes or offsets."""
+
+
+class CorruptTensorData(AprError):
+    """A tensor's stored bytes cannot be decoded (a bad zstd frame, a wrong inflated size)."""
 
 
 class UnknownDType(AprError):
@@ -88,3 +100,7 @@ class CorruptSource(AprError):
 
 class InvalidArgument(AprError):
     """Arguments that contradict each other or the input."""
+
+
+class InvalidArchitectureConfig(AprError):
+    """A user's architecture JSON (`--arch-config`) is not a usable architecture description."""

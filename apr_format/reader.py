@@ -16,16 +16,16 @@ import numpy as np
 from . import compression, quants
 from .constants import (
     ALIGNMENT, DTYPE_BY_NAME, DTYPES, FOOTER_SIZE, HEADER_SIZE, LEGACY_DTYPE_CODES, MAX_ELEMENTS, MAX_METADATA_SIZE,
+    QUANTIZED_DTYPES,
     MAX_NAME_LENGTH, MAX_NDIM, METADATA_OFFSET, MIN_INDEX_ENTRY_SIZE, DType, Flag,
 )
 from .errors import (
     AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
     UnsupportedFeature,
 )
-from .fileio import crc32
+from .fileio import CHUNK, crc32
 from .header import Header, unpack_header
 
-_CRC_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -256,9 +256,9 @@ class AprFile:
         import torch
 
         info = self.info(name)
-        if info.dtype in ("q4", "q8", "q4_k", "q6_k"):
+        if info.dtype in QUANTIZED_DTYPES:
             return torch.from_numpy(self.to_float32(name))
-        torch_dtype = _TORCH_DTYPES[info.dtype]
+        torch_dtype = DTYPE_BY_NAME[info.dtype].torch
         raw = self.raw(name)
         if not len(raw):
             return torch.empty(info.shape, dtype=getattr(torch, torch_dtype))
@@ -277,8 +277,8 @@ class AprFile:
         body = self.file_size - FOOTER_SIZE
         (stored,) = struct.unpack_from("<I", view, body)
         crc = 0
-        for start in range(0, body, _CRC_CHUNK):
-            crc = crc32(view[start : min(start + _CRC_CHUNK, body)], crc)
+        for start in range(0, body, CHUNK):
+            crc = crc32(view[start : min(start + CHUNK, body)], crc)
         if crc != stored:
             raise FooterChecksum(self.path, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
 
@@ -311,12 +311,6 @@ class AprFile:
 
     def __repr__(self) -> str:
         return f"AprFile({self.path!r}, tensors={len(self._tensors)})"
-
-
-_TORCH_DTYPES = {
-    "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
-    "i32": "int32", "i64": "int64", "i8": "int8", "u8": "uint8",
-}
 
 
 def _reject_constant(text: str) -> None:

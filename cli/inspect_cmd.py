@@ -97,7 +97,7 @@ def summarize_hf(path: str) -> dict[str, Any]:
 def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
     """An HF config.json under our metadata names (model_type -> architecture, num_hidden_layers ->
     num_layers, ...), with the HF spelling of each mapped key dropped, architecture keys first."""
-    from apr_converters.families import CONFIG_KEYS, map_config
+    from apr_format.families import CONFIG_KEYS, map_config
 
     canonical = map_config(config)
     if isinstance(config.get("model_type"), str):

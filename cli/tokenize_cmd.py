@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 
 import click
 
-from apr_format.errors import InvalidArgument, OutputExists
+from apr_format.destination import check_output_file
+from apr_format.errors import InvalidArgument
 from apr_trainer.data import tokenize_corpus
 from apr_trainer.tokenization import load_tokenizer
 
@@ -30,9 +30,8 @@ def tokenize_cmd(source: str, out: str, tokenizer: str | None, from_apr: str | N
     every document. No BOS or template tokens are added.
     """
     if (tokenizer is None) == (from_apr is None):
-        raise InvalidArgument("--tokenizer", "give exactly one of --tokenizer tokenizer.json or --from model.apr")
-    if os.path.exists(out) and not force:
-        raise OutputExists(out, "exists (use --force to overwrite)")
+        raise InvalidArgument(None, "give exactly one of --tokenizer tokenizer.json or --from model.apr", flag="--tokenizer")
+    check_output_file(out, force, src=source, example="corpus.bin")
     info = load_tokenizer(tokenizer, from_apr)
     meta = tokenize_corpus(source, out, info, dtype)
     if as_json:

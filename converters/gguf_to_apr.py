@@ -15,27 +15,26 @@ import numpy as np
 
 from apr_format import AprWriter
 from apr_format.architecture import ArchitectureConfig
+from apr_format.constants import DTYPE_BY_NAME, DTYPES
+from apr_format.destination import check_output_file
+from apr_format.fileio import CHUNK_VALUES
 from apr_format.errors import (
     CorruptMetadata, CorruptSource, InvalidArgument, MissingConfigKey, MissingTensor, ShapeMismatch,
     UnsupportedArchitecture, UnsupportedFeature, VocabMismatch,
 )
+from apr_format.families import (
+    GGUF_ARCHITECTURES, GGUF_CONFIG_DEFAULTS, GGUF_CONFIG_KEYS, GGUF_REQUIRED_KEYS, GGUF_TOKEN_ID_KEYS,
+    expected_tensors, get_family, gguf_to_hf_name, map_config, permute_heads_key,
+)
 
 from .dtype_cast import cast
-from .families import expected_tensors, get_family, map_config
-from .gguf_names import (
-    GGUF_ARCHITECTURES, GGUF_CONFIG_DEFAULTS, GGUF_CONFIG_KEYS, GGUF_REQUIRED_KEYS, GGUF_TOKEN_ID_KEYS, hf_name,
-    permute_heads_key,
-)
 from .gguf_tokenizer import tokenizer_files
 from .hf_to_apr import ConversionReport, Progress
 from .metadata import apr_metadata
-from .destination import check_destination
 
 OUT_DTYPES = ("bf16", "f16", "f32")
-KEEP_RAW = {"Q4_K": "q4_k", "Q6_K": "q6_k"}  # GGML type -> APR code 12 / 14, bytes unchanged
-_HF_DTYPE = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
-_OUT_NUMPY = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # bf16 as its bit pattern
-_CHUNK_VALUES = 4 * 1024 * 1024  # values dequantized at once: 16 MiB of float32
+# GGML type -> APR dtype with identical block bytes (codes 12 / 14): kept unchanged by --keep-quant.
+KEEP_RAW = {d.gguf: d.name for d in DTYPES.values() if d.quantized and d.gguf}
 _MAX_GGUF_DIMS = 4  # GGML_MAX_DIMS
 _INTEGER_TYPES = frozenset(("I8", "I16", "I32", "I64"))
 _GGUF_MAGIC = b"GGUF"
@@ -86,7 +85,7 @@ def convert_gguf(
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype not in OUT_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(OUT_DTYPES)}")
-    check_destination(src, dst, force)
+    check_output_file(dst, force, src=src)
     reader = open_gguf(src)
     meta = read_metadata(reader, src)
     reader.fields.clear()  # gguf-py keeps numpy arrays per token string; `meta` has the values now
@@ -98,7 +97,7 @@ def convert_gguf(
     family = get_family(GGUF_ARCHITECTURES[arch], src)
     tensors, skipped = _map_tensors(reader, src)
     config = hf_config(meta, arch, tensors, src)
-    config["torch_dtype"] = _HF_DTYPE[dtype]
+    config["torch_dtype"] = DTYPE_BY_NAME[dtype].torch
     warnings = [f"{name} dropped: llama3-style rope scaling is not supported, plain RoPE is used"
                 for name in skipped if name.startswith("rope_freqs")]
     tok = tokenizer_files(meta, src, model_max_length=config["max_position_embeddings"])
@@ -265,7 +264,7 @@ def _map_tensors(reader: Any, src: str) -> tuple[dict[str, Any], list[str]]:
     mapped: dict[str, Any] = {}
     skipped: list[str] = []
     for t in reader.tensors:
-        name, known = hf_name(t.name)
+        name, known = gguf_to_hf_name(t.name)
         if not known:
             raise UnsupportedArchitecture(
                 src, f"tensor {t.name!r} has no HF name in the GGUF table (unsupported model part)"
@@ -292,8 +291,8 @@ def hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, Any], src: str
         raise MissingConfigKey(src, f"GGUF metadata lacks {', '.join(missing)}")
     if _EMBED not in tensors:
         raise MissingTensor(src, "GGUF has no token_embd.weight (model.embed_tokens.weight)")
-    model_type = GGUF_ARCHITECTURES[arch]
-    config: dict[str, Any] = {"architectures": [get_family(model_type, src).hf_architecture], "model_type": model_type}
+    family = get_family(GGUF_ARCHITECTURES[arch], src)
+    config: dict[str, Any] = {"architectures": [family.hf_architecture], "model_type": family.name}
     for gguf_key, hf_key in GGUF_CONFIG_KEYS.items():
         value = meta.get(f"{arch}.{gguf_key}")
         if isinstance(value, list):
@@ -321,6 +320,8 @@ def hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, Any], src: str
         )
     config["hidden_act"] = "silu"
     config["tie_word_embeddings"] = _HEAD not in tensors
+    if family.attention_bias_key:  # GGUF has no such key: the biases' presence says it
+        config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
     for gguf_key, hf_key in GGUF_TOKEN_ID_KEYS.items():
         value = meta.get(f"tokenizer.ggml.{gguf_key}")
         if isinstance(value, int):
@@ -372,7 +373,7 @@ def _plan(
     Raises:
         MissingTensor, ShapeMismatch, UnsupportedArchitecture (extra tensors), UnsupportedFeature.
     """
-    arch = {**map_config(config), "tie_word_embeddings": config["tie_word_embeddings"]}
+    arch = {**map_config(config), "hf_config": config}
     expected = expected_tensors(family, arch, path=src)
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -437,9 +438,9 @@ def _convert(entry: _Entry) -> np.ndarray:
     if entry.dtype in KEEP_RAW.values():
         return np.ascontiguousarray(stored)
     rows = stored.reshape(entry.shape[0] if len(entry.shape) > 1 else 1, -1)
-    out = np.empty(entry.shape, dtype=_OUT_NUMPY[entry.dtype])
+    out = np.empty(entry.shape, dtype=DTYPE_BY_NAME[entry.dtype].numpy)  # bf16 as its bit pattern
     out_rows = out.reshape(rows.shape[0], -1)
-    step = max(1, _CHUNK_VALUES // max(1, out_rows.shape[1]))
+    step = max(1, CHUNK_VALUES // max(1, out_rows.shape[1]))
     for start in range(0, rows.shape[0], step):
         values = gguf.quants.dequantize(rows[start : start + step], t.tensor_type)
         values = np.ascontiguousarray(values, dtype=np.float32)
@@ -459,6 +460,4 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _nbytes(entry: _Entry) -> int:
-    from apr_format import DTYPE_BY_NAME
-
     return DTYPE_BY_NAME[entry.dtype].nbytes_for(_numel(entry.shape))

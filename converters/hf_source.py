@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from apr_format.errors import CorruptSource, MissingTensor
+from apr_format.fileio import CHUNK
 
-from .mapped import CHUNK_BYTES, MappedFiles
+from .mapped import MappedFiles
 from .safetensors_io import HeaderEntry, parse_header
 
 CONFIG_FILE = "config.json"
@@ -164,7 +165,7 @@ class HfSource:
         tensor = self._tensor(name)
         return self._mapped.stream(tensor.file, tensor.start, tensor.nbytes)
 
-    def chunks(self, name: str, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
         """The tensor's bytes in chunks of `step`, each chunk's pages released after use."""
         tensor = self._tensor(name)
         return self._mapped.chunks(tensor.file, tensor.start, tensor.nbytes, step)

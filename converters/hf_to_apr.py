@@ -8,19 +8,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from apr_format import AprWriter
-from apr_format.constants import DTYPE_BY_NAME
+from apr_format.constants import DTYPE_BY_NAME, FLOAT_DTYPES
+from apr_format.destination import check_output_file
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch
-from apr_format.fileio import FileRange
+from apr_format.fileio import CHUNK_VALUES, FileRange
+from apr_format.families import Family, expected_tensors, family_of, is_tied, map_config
 
-from .dtype_cast import FLOAT_DTYPES, ITEMSIZE, cast_chunks
-from .families import Family, expected_tensors, family_of, is_tied, map_config
+from .dtype_cast import cast_chunks
 from .hf_source import HfSource, SourceTensor, open_hf_source, read_config
 from .metadata import HF_INDEX, SOURCE_METADATA, apr_metadata
-from .destination import check_destination
 
 TARGET_DTYPES = ("f32", "f16", "bf16")
-_CAST_CHUNK_VALUES = 4 * 1024 * 1024
-_TORCH_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 # Called as progress(tensor name, its bytes, total bytes) as each tensor is written.
 Progress = Callable[[str, int, int], None]
@@ -86,7 +84,7 @@ def convert_hf_to_apr(
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype is not None and dtype not in TARGET_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(TARGET_DTYPES)}")
-    check_destination(src, dst, force)
+    check_output_file(dst, force, src=src)
     with open_hf_source(src) as source:
         config, config_text = _config(source, config_path)
         family = family_of(config.get("model_type")) if config else None
@@ -130,7 +128,7 @@ def _config(source: HfSource, config_path: str | os.PathLike | None) -> tuple[di
 
 def _validate(source: HfSource, config: Mapping[str, Any], family: Family) -> list[str]:
     """Check every tensor the family needs; return the unexpected extra tensors (kept)."""
-    arch = {**family.defaults, **map_config(config), "hf_config": dict(config)}
+    arch = {**family.defaults, **map_config(config, family), "hf_config": dict(config)}
     layers = arch.get("num_layers")
     if isinstance(layers, int) and layers > len(source.tensors):  # before listing billions of names
         raise MissingTensor(source.path, f"the config's {layers} layers need more tensors than the "
@@ -172,7 +170,7 @@ def _producer(source: HfSource, p: _Planned, progress: Progress | None, total: i
         if p.dtype == p.source.dtype:  # the stored bytes as they are: copied file to file by the kernel
             data = FileRange(p.source.file, p.source.start, p.source.nbytes)
         else:
-            step = _CAST_CHUNK_VALUES * ITEMSIZE[p.source.dtype]
+            step = CHUNK_VALUES * DTYPE_BY_NAME[p.source.dtype].itemsize
             data = cast_chunks(source.chunks(p.source.name, step), p.source.dtype, p.dtype, p.source.numel)
         if progress is not None:
             progress(p.name, p.nbytes, total)
@@ -184,7 +182,7 @@ def _producer(source: HfSource, p: _Planned, progress: Progress | None, total: i
 def _with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The config with its dtype entry (transformers 4: torch_dtype, 5: dtype) set to `dtype`."""
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
-    return {**config, **{k: _TORCH_NAMES[dtype] for k in keys}}
+    return {**config, **{k: DTYPE_BY_NAME[dtype].torch for k in keys}}
 
 
 def _source_metadata(source: HfSource) -> dict[str, str]:

@@ -6,12 +6,9 @@ import mmap
 import os
 from collections.abc import Iterator
 
-import numpy as np
-
 from apr_format import AprFile, Flag
-from apr_format.fileio import FileRange
+from apr_format.fileio import CHUNK, FileRange, release_pages
 
-CHUNK_BYTES = 16 * 1024 * 1024
 
 
 class MappedFiles:
@@ -48,7 +45,7 @@ class MappedFiles:
             self.drop(*previous)
         return self.view(file, start, nbytes)
 
-    def chunks(self, file: str, start: int, nbytes: int, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self, file: str, start: int, nbytes: int, step: int = CHUNK) -> Iterator[memoryview]:
         """Successive views of at most `step` bytes; each chunk's pages are released once the
         caller asks for the next, so reading a huge tensor costs one chunk of RSS."""
         for offset in range(start, start + nbytes, step):
@@ -59,10 +56,8 @@ class MappedFiles:
     def drop(self, file: str, start: int, nbytes: int) -> None:
         """Release a range's pages from this process (a later read faults them back in)."""
         mapping = self._maps.get(file)
-        if mapping is None or not nbytes or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        aligned = start - start % mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, aligned, start + nbytes - aligned)
+        if mapping is not None:
+            release_pages(mapping, start, nbytes)
 
     def close(self) -> None:
         """Unmap everything (left to the garbage collector while views are still alive)."""
@@ -100,7 +95,7 @@ class AprStream:
         """Where the tensor's bytes lie in the file, for a kernel-side copy (None when zstd-compressed)."""
         return None if self._compressed else FileRange(*self._range(name))
 
-    def chunks(self, name: str, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
         """The tensor's decoded bytes in chunks of `step`, pages released as it goes."""
         if self._compressed:
             raw = self.apr.raw(name)
@@ -116,20 +111,3 @@ class AprStream:
     def close(self) -> None:
         """Unmap (the AprFile stays open)."""
         self._mapped.close()
-
-
-def equal_chunks(a: Iterator[memoryview], b: Iterator[memoryview]) -> bool:
-    """Whether two chunk streams cut at the same sizes hold the same bytes (stops at the first difference)."""
-    for chunk_a, chunk_b in zip(a, b, strict=True):
-        if not _same_bytes(chunk_a, chunk_b):
-            return False
-    return True
-
-
-def _same_bytes(a: memoryview, b: memoryview) -> bool:
-    """Byte equality through numpy, in 8-byte words where possible (memoryview `==` goes element by
-    element: 10x slower)."""
-    if len(a) != len(b):
-        return False
-    word = np.uint64 if len(a) % 8 == 0 else np.uint8
-    return np.array_equal(np.frombuffer(a, dtype=word), np.frombuffer(b, dtype=word))

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from apr_format.constants import Flag
+from apr_format.families import family_of, hf_keys, is_tied, map_config
 
-from .families import HF_KEYS, family_of, is_tied, map_config
 from .hf_source import json_object
 
 # Custom metadata keys this package writes (spec: "Any other key is a custom key").
@@ -54,7 +54,7 @@ def apr_metadata(
     meta["param_count"] = int(param_count)
     meta["total_size"] = int(total_size)
     if config is not None:
-        arch = map_config(config)
+        arch = map_config(config, family)
         if family is not None:
             for key, value in family.defaults.items():
                 arch.setdefault(key, value)
@@ -109,7 +109,7 @@ def rebuild_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         config["architectures"] = [family.hf_architecture]
         config["tie_word_embeddings"] = is_tied(meta, family)
         config["hidden_act"] = "silu"
-    for apr_key, hf_key in HF_KEYS.items():
+    for apr_key, hf_key in hf_keys(family).items():
         if meta.get(apr_key) is not None:
             config[hf_key] = meta[apr_key]
     return config

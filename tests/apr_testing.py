@@ -3,6 +3,7 @@ fault injection), leftover detection, token streams, run metrics. Tests import t
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
@@ -35,17 +36,20 @@ TINY_LLAMA = dict(
     rms_norm_eps=1e-5, tie_word_embeddings=False,
 )
 
+TINY_MISTRAL = {**TINY_LLAMA, "sliding_window": 128}  # a window >= the sequence: plain causal attention
+
 
 def build_hf_checkpoint(
     folder: Path, family: str, *, dtype: str = "float32", seed: int = 0, max_shard_size: str | None = None, **overrides
 ) -> Path:
-    """Save a randomly initialised transformers model of `family` ("qwen2" or "llama") to `folder`."""
+    """Save a randomly initialised transformers model of `family` ("qwen2", "llama" or "mistral") to `folder`."""
     import torch
     import transformers
 
     config_cls, model_cls, base = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, TINY_QWEN2),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, TINY_LLAMA),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, TINY_MISTRAL),
     }[family]
     torch.manual_seed(seed)
     config = config_cls(**{**base, **overrides})
@@ -53,6 +57,13 @@ def build_hf_checkpoint(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder
+
+
+def assert_same_folder(source: Path, copy: Path) -> None:
+    """Every file of the `source` folder is in `copy` byte for byte, and nothing else is."""
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(source))
+    for name in os.listdir(source):
+        assert filecmp.cmp(source / name, copy / name, shallow=False), name
 
 
 def apr_from_hf(folder: Path, out: Path, dtype=None, *, lm_head_copy: bool = False) -> Path:

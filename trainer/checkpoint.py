@@ -17,6 +17,7 @@ import torch
 
 from apr_format import AprWriter, Flag
 from apr_format.atomic import link_into_place, replacing
+from apr_format.constants import DTYPE_BY_NAME
 from apr_format.errors import CorruptSource, InvalidArgument
 
 from . import distributed, guards
@@ -43,7 +44,6 @@ SAMPLER = "seeded-windows-v1"  # windows of step s come from SeedSequence([seed,
 MASTER_PREFIX = "master."  # fp32 master weights in the state file, when the .apr holds rounded ones
 LINEAGE_KEYS = ("source", "original_format", "created_at")  # of the input: under training.lineage in checkpoints
 _STEP_FILE = re.compile(r"^step-(\d+)\.apr$")
-_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # aprender's runtime looks up lm_head.weight first (spec: "Tied embeddings").
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -68,7 +68,7 @@ def save_weights(
 
     A tied model also gets aprender's `lm_head.weight` copy and `tied_embeddings: true`.
     """
-    torch_dtype = _TORCH_DTYPES[dtype]
+    torch_dtype = DTYPE_BY_NAME[dtype].to_torch()
     meta = dict(metadata)
     tensors = dict(params)
     if tied:

@@ -89,12 +89,12 @@ def validate_config(config: TrainConfig) -> None:
     """
     if config.init and (config.arch or config.arch_config):
         raise InvalidArgument(
-            "--init", "conflicts with --arch/--arch-config: the architecture comes from the checkpoint"
+            None, "conflicts with --arch/--arch-config: the architecture comes from the checkpoint", flag="--init"
         )
     if config.arch and config.arch_config:
-        raise InvalidArgument("--arch", "conflicts with --arch-config: give one architecture")
+        raise InvalidArgument(None, "conflicts with --arch-config: give one architecture", flag="--arch")
     if config.out_dir is None and not config.resume:
-        raise InvalidArgument("--out", "is required (the run folder)")
+        raise InvalidArgument(None, "is required (the run folder)", flag="--out")
     positive = {"--batch-size": config.batch_size, "--seq-len": config.seq_len, "--grad-accum": config.grad_accum,
                 "--val-batches": config.val_batches, "--log-every": config.log_every,
                 "--max-skipped-steps": config.max_skipped_steps,
@@ -104,18 +104,19 @@ def validate_config(config: TrainConfig) -> None:
                     "--weight-decay": config.weight_decay}
     for flag, value in positive.items():
         if value < 1:
-            raise InvalidArgument(flag, f"must be at least 1, got {value}")
+            raise InvalidArgument(None, f"must be at least 1, got {value}", flag=flag)
     for flag, value in non_negative.items():
         if value < 0:
-            raise InvalidArgument(flag, f"must be >= 0, got {value}")
+            raise InvalidArgument(None, f"must be >= 0, got {value}", flag=flag)
     if not config.lr > 0:
-        raise InvalidArgument("--lr", f"must be > 0, got {config.lr}")
+        raise InvalidArgument(None, f"must be > 0, got {config.lr}", flag="--lr")
     if not 0.0 <= config.min_lr_ratio <= 1.0:
-        raise InvalidArgument("--min-lr-ratio", f"must be in [0, 1], got {config.min_lr_ratio}")
+        raise InvalidArgument(None, f"must be in [0, 1], got {config.min_lr_ratio}", flag="--min-lr-ratio")
     if config.force and config.resume:
-        raise InvalidArgument("--force", "cannot be combined with --resume: --force starts a new run over the old one")
+        raise InvalidArgument(None, "cannot be combined with --resume: --force starts a new run over the old one",
+                              flag="--force")
     if config.dtype not in SAVE_DTYPES:
-        raise InvalidArgument("--dtype", f"unknown {config.dtype!r} (choose {', '.join(SAVE_DTYPES)})")
+        raise InvalidArgument(None, f"unknown {config.dtype!r} (choose {', '.join(SAVE_DTYPES)})", flag="--dtype")
 
 
 def resume_config(resume: str | os.PathLike, overrides: Mapping[str, Any]) -> TrainConfig:

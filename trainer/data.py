@@ -230,9 +230,9 @@ class TokenDataset:
 
     def __init__(self, stream: TokenStream, seq_len: int, val_fraction: float) -> None:
         if not 0.0 < val_fraction < 1.0:
-            raise InvalidArgument("--val-fraction", f"must be between 0 and 1 (exclusive), got {val_fraction}")
+            raise InvalidArgument(None, f"must be between 0 and 1 (exclusive), got {val_fraction}", flag="--val-fraction")
         if seq_len < 1:
-            raise InvalidArgument("--seq-len", f"must be at least 1, got {seq_len}")
+            raise InvalidArgument(None, f"must be at least 1, got {seq_len}", flag="--seq-len")
         n = len(stream)
         window = seq_len + 1
         n_val = max(math.ceil(n * val_fraction), window)

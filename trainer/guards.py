@@ -110,9 +110,9 @@ class NonFiniteGuard:
             kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
                     else "no checkpoint was written")
             raise TooManySkippedSteps(
-                "--max-skipped-steps",
+                None,
                 f"{self.consecutive} consecutive steps (up to step {step}) had a non-finite loss or gradient norm "
-                f"and were skipped; stopping ({kept}; try a lower --lr)",
+                f"and were skipped; stopping ({kept}; try a lower --lr)", flag="--max-skipped-steps",
             )
 
     def poison(self, step: int, loss: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -128,7 +128,7 @@ def poisoned_steps() -> frozenset[int]:
     try:
         return frozenset(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise AprError(POISON_ENV, f"test-only variable must list step numbers, got {text!r}") from None
+        raise AprError(None, f"test-only variable must list step numbers, got {text!r}", variable=POISON_ENV) from None
 
 
 def is_finite(*values: float) -> bool:

@@ -99,6 +99,7 @@ def load_data(config: TrainConfig, source: ModelSource) -> tuple[TokenDataset, l
     check_vocab(rows, where=source.label, declared=declared, max_id=max_id, exact=source.exact_vocab)
     notes = [_data_note(stream, max_id, rows, loaded[0] if loaded else None)]
     notes += _tokenizer_mismatches(config, source, stream, loaded[0] if config.tokenizer is not None else None)
+    source.arch.check_sequence_length(config.seq_len, flag="--seq-len")
     dataset = TokenDataset(stream, config.seq_len, config.val_fraction)
     split = dataset.split
     notes.append(f"split: {split.n_train:,} training tokens, last {split.n_val:,} held out for validation")
@@ -124,15 +125,16 @@ def _tokenizer_mismatches(config: TrainConfig, source: ModelSource, stream: Toke
                 "against the model's"] if given is not None else []
     found = []
     if given is not None and given.sha256 != _sha256(carried):
-        found.append(("--tokenizer", f"{given.source} is not the tokenizer carried in {source.label}: "
+        found.append((None, f"{given.source} is not the tokenizer carried in {source.label}: "
                                      "its ids may mean other tokens to this model"))
     made_with = stream.info.tokenizer_sha256 if stream.info else None
     if made_with and made_with != _sha256(carried):
         found.append((stream.source, f"was tokenized with a different tokenizer than the one in {source.label}"))
     if found and config.strict:
         where, problem = found[0]
-        raise InvalidArgument(where, f"{problem} (--strict; drop --strict to train anyway)")
-    return [f"warning: {where}: {problem} (--strict refuses this)" for where, problem in found]
+        flag = "--tokenizer" if where is None else None
+        raise InvalidArgument(where, f"{problem} (--strict; drop --strict to train anyway)", flag=flag)
+    return [f"warning: {where or '--tokenizer'}: {problem} (--strict refuses this)" for where, problem in found]
 
 
 def _data_note(stream: TokenStream, max_id: int, rows: int, tok: TokenizerInfo | None) -> str:

@@ -84,7 +84,7 @@ def require_tensorboard() -> None:
         import tensorboard  # noqa: F401
     except ImportError:
         raise InvalidArgument(
-            "--tensorboard", "needs the tensorboard package: pip install 'apr-toolkit[tensorboard]'"
+            None, "needs the tensorboard package: pip install 'apr-toolkit[tensorboard]'", flag="--tensorboard"
         ) from None
 
 

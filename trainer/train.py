@@ -45,8 +45,9 @@ def train(config: TrainConfig, log: Log = _quiet) -> TrainSummary:
 def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) -> TrainSummary:
     if config.batch_size % ctx.world_size:
         raise InvalidArgument(
-            "--batch-size",
+            None,
             f"{config.batch_size} sequences per micro-step cannot be split evenly over {ctx.world_size} processes",
+            flag="--batch-size",
         )
     resume_ckpt = checkpoint.resolve_resume(config.resume) if config.resume else None
     run_dir = Path(config.out_dir) if config.out_dir else checkpoint.run_dir_of(resume_ckpt)

@@ -461,7 +461,7 @@ def test_row_chunks_give_the_same_bytes(hf_llama, tmp_path, monkeypatch):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
     src = write_gguf(tmp_path / "m.gguf", model, Q.Q8_0)
     convert_gguf(src, tmp_path / "whole.apr")
-    monkeypatch.setattr(gguf_to_apr, "_CHUNK_VALUES", 3 * 64)  # 3 rows of 64 per chunk: ragged last chunk
+    monkeypatch.setattr(gguf_to_apr, "CHUNK_VALUES", 3 * 64)  # 3 rows of 64 per chunk: ragged last chunk
     convert_gguf(src, tmp_path / "chunked.apr")
     with open_apr(tmp_path / "whole.apr") as a, open_apr(tmp_path / "chunked.apr") as b:
         assert a.keys() == b.keys()

@@ -135,8 +135,8 @@ def test_full_disk_while_saving_a_checkpoint(cap_kb, fails, inputs, tmp_path):
 # -- read errors -----------------------------------------------------------------------------
 FAIL_FIFTH_READ = """
 import errno, os
-from apr_converters import mapped, safetensors_io
-from apr_format import writer
+from apr_converters import mapped
+from apr_format import safetensors_writer, writer
 _calls = []
 def _fault(path, start):  # every way a converter reads tensor bytes passes here
     _calls.append(path)
@@ -148,7 +148,7 @@ def _wrap(original):
         return original(src, *args, **kwargs)
     return copy_range
 writer.copy_range = _wrap(writer.copy_range)
-safetensors_io.copy_range = _wrap(safetensors_io.copy_range)
+safetensors_writer.copy_range = _wrap(safetensors_writer.copy_range)
 _stream = mapped.MappedFiles.stream
 def stream(self, file, start, nbytes):
     _fault(file, start)
