@@ -282,7 +282,8 @@ class Checkpointer:
                 self.log(f"replicas: all {len(self.replicas)} ranks hold identical weights "
                          f"(sha256 {self.replicas[0][:16]}...)")
         path = checkpoint_path(self.run_dir, state.step)
-        guards.refuse_nonfinite(self.ctx, self.par.module.named_parameters(), _TORCH_DTYPES[self.precision.save], path)
+        guards.refuse_nonfinite(self.ctx, self.par.module.named_parameters(),
+                                DTYPE_BY_NAME[self.precision.save].to_torch(), path)
         params = self.par.full_state_dict()
         distributed.run_on_main(self.ctx, partial(self._write, path, state, params, self.replicas if last else None))
         return path

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from apr_format import open_apr, save_apr
-from apr_testing import FIXTURES, learnable_tokens, read_metrics, run_apr
+from apr_testing import FIXTURES, learnable_tokens, popen_apr, read_metrics, run_apr
 from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
 from apr_trainer.presets import preset
@@ -45,6 +47,25 @@ def test_a_run_folder_without_a_complete_checkpoint_is_reused(tiny, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "replacing the earlier run's files" in again.stderr
     assert [r["step"] for r in read_metrics(run)] == [0, 1, 2]  # the stale step-0 record is gone
+
+
+def test_sigint_right_after_start_leaves_a_folder_that_works_again(tiny, tmp_path):
+    """Ctrl-C as soon as the run folder exists: exit 130 and one line; the folder is then either reused by
+    the same command (no step saved) or continued by --resume (a step finished first and was saved)."""
+    run = tmp_path / "run"
+    args = ["pretrain", "--init", tiny / "model.apr", "--data", tiny / "tokens.bin", "--out", run, *SMALL,
+            "--steps", "30", "--save-every", "0"]
+    proc = popen_apr(*args, capture=True)
+    while not (run / "run.json").exists() and proc.poll() is None:
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.strip().splitlines()[-1].startswith("apr: stopped by SIGINT "), stderr
+    complete = list((run / "checkpoints").glob("*.state.json"))
+    again = run_apr(*(["pretrain", "--resume", run] if complete else args))
+    assert again.returncode == 0, again.stderr
+    assert (run / "final.apr").exists()
 
 
 def test_a_finished_run_is_refused_unless_force(tiny, tmp_path):
