@@ -54,10 +54,9 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) ->
     check_run_dir(run_dir, resuming=resume_ckpt is not None, force=config.force)
     if config.tensorboard:
         require_tensorboard()
+    warmup_note = None
     if resume_ckpt is None:
         config, warmup_note = capped_warmup(config)
-        if warmup_note:
-            log(warmup_note)
     scalars, saved = checkpoint.load_state(resume_ckpt) if resume_ckpt else ({}, {})
     source = inputs.model_source(config, resume_ckpt)
     arch = source.arch
@@ -67,7 +66,7 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) ->
     has_masters = any(name.startswith(checkpoint.MASTER_PREFIX) for name in saved)
     model, weights_note, source_dtype = inputs.build_model(config, source, has_masters, log)
     log(f"weights: {weights_note}")
-    for note in data_notes:
+    for note in data_notes + ([warmup_note] if warmup_note else []):
         log(note)
     start_step = int(scalars.get("step", 0))
     for warning in resume_drift(scalars, config, len(dataset.stream)):
