@@ -53,7 +53,7 @@ class Trainer:
         self.config, self.ctx, self.dataset, self.par, self.optimizer = config, ctx, dataset, par, optimizer
         self.precision, self.checkpointer, self.runlog, self.state = precision, checkpointer, runlog, state
         self.start_label, self.stop, self.guard = start_label, stop, guard
-        self.last_checkpoint = resumed_from
+        self.last_checkpoint = self.resumed_from = resumed_from
         self.local_batch = config.batch_size // ctx.world_size
         self.tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
 
@@ -75,7 +75,8 @@ class Trainer:
             if self._due(config.save_every) or stop:
                 self.save()
         final = None
-        if self.last_checkpoint is not None and not stop and state.step == config.steps:
+        saved_here = self.last_checkpoint not in (None, self.resumed_from)
+        if saved_here and not stop and state.step == config.steps:
             final = self.checkpointer.publish_final(self.last_checkpoint)
             self.runlog.log(f"saved {self.last_checkpoint} and {final}")
         return dict(end_step=state.step, start_val_loss=_finite_or_none(start_val), final_val_loss=state.val_loss,

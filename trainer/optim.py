@@ -54,7 +54,7 @@ def schedule_record(config: TrainConfig, next_step: int) -> dict[str, Any]:
 def capped_warmup(config: TrainConfig) -> tuple[TrainConfig, str | None]:
     """`config` with a warmup that ends before the last step (else the peak lr is never reached),
     and the warning that says so (None when nothing changed)."""
-    if config.steps == 0 or config.warmup < config.steps:
+    if config.steps == 0 or config.warmup <= config.steps:  # equal: the peak comes at the last step
         return config, None
     warmup = int(config.steps * WARMUP_CAP)
     note = (f"warning: --warmup {config.warmup} would not end within --steps {config.steps}, so the peak --lr "
