@@ -26,7 +26,7 @@ demo: install
 	$(APR) convert fixtures/tiny-qwen2-hf -o demo-out/tiny.apr
 	$(APR) inspect demo-out/tiny.apr
 	$(APR) validate demo-out/tiny.apr
-	$(APR) pretrain --init demo-out/tiny.apr --data fixtures/tiny-corpus.txt --out demo-out/run \
+	$(APR) pretrain --init demo-out/tiny.apr --data fixtures/tiny-corpus.txt -o demo-out/run \
 		--steps 60 --batch-size 8 --seq-len 64 --lr 3e-3 --warmup 5 --val-every 20 --device cpu
 	$(APR) export demo-out/run/final.apr -o demo-out/hf
 	$(APR) diff demo-out/tiny.apr demo-out/run/final.apr; test $$? -le 1

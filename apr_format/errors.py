@@ -21,6 +21,9 @@ class AprError(Exception):
         subject = next((s for s in (self.path, flag, variable) if s is not None), None)
         super().__init__(f"{subject}: {problem}" if subject is not None else problem)
 
+    def __str__(self) -> str:  # KeyError / OSError bases would otherwise quote or reformat the message
+        return str(self.args[0]) if self.args else ""
+
 
 class BadMagic(AprError):
     """The file does not start with "APR\\0"."""
@@ -40,6 +43,10 @@ class HeaderChecksum(AprError):
 
 class FooterChecksum(AprError):
     """Footer CRC-32 of the whole file does not match."""
+
+
+class NonFiniteWeights(AprError):
+    """Weights hold NaN or Inf where finite values are required (e.g. `--init`)."""
 
 
 class Truncated(AprError):
@@ -70,12 +77,16 @@ class UnsupportedFeature(AprError):
     """A valid file uses something we do not implement (LZ4, encryption, q4_k dequant...)."""
 
 
+class NotQuantizable(AprError):
+    """Values that a quantized dtype cannot represent (NaN, Inf, beyond the scale's range)."""
+
+
 class UnsupportedArchitecture(AprError):
     """A model family we cannot build or train."""
 
 
-class MissingTensor(AprError):
-    """A tensor the architecture needs is absent."""
+class MissingTensor(AprError, KeyError):
+    """A tensor the architecture needs, or a name asked of `AprFile[...]`, is absent (also a KeyError)."""
 
 
 class ShapeMismatch(AprError):
@@ -102,5 +113,48 @@ class InvalidArgument(AprError):
     """Arguments that contradict each other or the input."""
 
 
+class ModelUnavailable(AprError):
+    """A model id (hf://ORG/NAME) could not be resolved: unknown repo or revision, no network, not cached."""
+
+
 class InvalidArchitectureConfig(AprError):
     """A user's architecture JSON (`--arch-config`) is not a usable architecture description."""
+
+
+class FileMissing(AprError, FileNotFoundError):
+    """The path does not exist (also a FileNotFoundError)."""
+
+
+class NotAFile(AprError, IsADirectoryError):
+    """A folder where a file was expected (also an IsADirectoryError)."""
+
+
+class Unreadable(AprError, PermissionError):
+    """The file exists but cannot be read: permissions or an I/O error (also an OSError)."""
+
+
+def from_os_error(path: str | os.PathLike, exc: OSError) -> AprError:
+    """The AprError subclass for an OSError met while opening `path` (errno and filename kept).
+
+    Returns:
+        FileMissing, NotAFile or Unreadable, ready to raise.
+    """
+    if isinstance(exc, FileNotFoundError):
+        error: AprError = FileMissing(path, "No such file or directory")
+    elif isinstance(exc, IsADirectoryError):
+        error = NotAFile(path, "is a folder, expected a file")
+    else:
+        error = Unreadable(path, f"cannot be read: {exc.strerror or exc}")
+    error.errno, error.strerror, error.filename = exc.errno, exc.strerror, error.path  # type: ignore[attr-defined]
+    return error
+
+
+def json_problem(exc: Exception, offset: int = 0) -> str:
+    """Why bytes are not UTF-8 JSON, in words and file offsets (`offset`: where the JSON starts)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {offset + exc.start})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    pos = getattr(exc, "pos", None)
+    msg = getattr(exc, "msg", None) or str(exc)
+    return f"{msg[:1].lower()}{msg[1:]} at byte {offset + pos}" if pos is not None else msg

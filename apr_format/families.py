@@ -294,6 +294,7 @@ GGUF_CONFIG_KEYS: dict[str, str] = {
     "attention.head_count": "num_attention_heads",
     "attention.head_count_kv": "num_key_value_heads",
     "attention.key_length": "head_dim",
+    "attention.value_length": "head_dim",
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "context_length": "max_position_embeddings",
     "rope.freq_base": "rope_theta",
@@ -358,6 +359,21 @@ def gguf_to_hf_name(gguf_name: str) -> tuple[str | None, bool]:
     if target is None or match is None:
         return target, True
     return target.replace("{i}", str(int(match.group(1)))), True
+
+
+_HF_LAYER = re.compile(r"^(.+?)\.(\d+)\.(.+)$")
+# The same table read backwards: HF name template -> GGUF name template (deliberate skips left out).
+HF_TO_GGUF_NAMES: dict[str, str] = {hf: gguf for gguf, hf in GGUF_TENSOR_NAMES.items() if hf is not None}
+
+
+def hf_to_gguf_name(hf_tensor: str) -> str | None:
+    """The GGUF name llama.cpp gives the HF tensor `hf_tensor`, or None when no table entry has it."""
+    match = _HF_LAYER.match(hf_tensor)
+    template = hf_tensor if match is None else f"{match.group(1)}.{{i}}.{match.group(3)}"
+    target = HF_TO_GGUF_NAMES.get(template)
+    if target is None or match is None:
+        return target
+    return target.replace("{i}", str(int(match.group(2))))
 
 
 def permute_heads_key(hf_tensor: str) -> str | None:

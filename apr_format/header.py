@@ -8,6 +8,7 @@ import zlib
 from dataclasses import dataclass
 
 from .constants import HEADER_SIZE, MAGIC, MAGIC_V1, METADATA_OFFSET, VERSION_MAJOR, VERSION_MINOR, Flag
+from .sniff import describe, identify_bytes
 from .errors import BadMagic, ColumnMajor, HeaderChecksum, LegacyFormat, Truncated, UnsupportedFeature, UnsupportedVersion
 
 # magic, major, minor, flags, tensor_count, metadata_offset, metadata_size,
@@ -58,7 +59,7 @@ def unpack_header(raw: bytes | memoryview, path: str | os.PathLike) -> Header:
     if magic == MAGIC_V1:
         raise LegacyFormat(path, "APR v1 file (magic 'APRN'); only APR v2 is supported, re-save it with a current aprender")
     if len(raw) < 4 or magic != MAGIC:
-        raise BadMagic(path, f"not an APR file: magic is {_describe_magic(magic)}, expected 'APR\\x00'")
+        raise BadMagic(path, not_apr_problem(identify_bytes(bytes(raw))))
     if len(raw) < HEADER_SIZE:
         raise Truncated(path, f"file is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte header")
     fields = _LAYOUT.unpack_from(raw, 0)
@@ -80,6 +81,8 @@ def unpack_header(raw: bytes | memoryview, path: str | os.PathLike) -> Header:
     )
 
 
-def _describe_magic(magic: bytes) -> str:
-    hint = {b"GGUF": " (a GGUF file: use `apr convert`)"}.get(magic, "")
-    return repr(magic) + hint
+def not_apr_problem(kind: str) -> str:
+    """The message for a file of another `kind` (see sniff.KINDS) where an .apr was expected."""
+    convertible = kind in ("gguf", "safetensors", "hf-folder")
+    hint = " (`apr convert` turns it into one)" if convertible else ""
+    return f"is {describe(kind)}, not an APR file{hint}"

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import warnings
 from typing import Any
 
 from .architecture import ArchitectureConfig, architecture_of
-from .constants import DTYPE_BY_NAME, FLOAT_DTYPES, QUANTIZED_DTYPES, Flag
-from .errors import InvalidArgument, MissingTensor, ShapeMismatch
+from .constants import DTYPE_BY_NAME, FLOAT_DTYPES, FOOTER_SIZE, QUANTIZED_DTYPES, Flag
+from .errors import FooterChecksum, InvalidArgument, MissingTensor, NonFiniteWeights, ShapeMismatch
 from .families import TENSORS_PER_LAYER
 from .fileio import equal_bytes
+from .integrity import footer_mismatch
+from .validate import checksum_pass, count_nonfinite
 from .reader import AprFile, open_apr
 
 # Tensors some HF checkpoints carry that no model parameter corresponds to and that are
@@ -78,6 +81,7 @@ def load_init_tensors(
             lm_head.weight that differs from the embedding of a tied model).
         UnsupportedArchitecture, MissingConfigKey, UnsupportedFeature: from the architecture.
         FooterChecksum: the file's CRC-32 does not match its bytes (it is read once to check).
+        NonFiniteWeights: a parameter holds NaN or Inf (named with the counts).
     """
     target_dtype = _torch_dtype(dtype, path)
     with open_apr(path) as f:
@@ -87,7 +91,8 @@ def load_init_tensors(
         expected = expected_parameter_shapes(config)
         dropped_head = config.tie_word_embeddings and _is_tied_copy(f)
         _check_names_and_shapes(f, expected, dropped_head)
-        f.verify()  # a flipped bit in the weights must stop training before it starts, not poison it
+        # One read: a flipped bit or a NaN in the weights must stop training before it starts.
+        nonfinite = _check_bytes(f, expected)
         result = InitTensors()
         result.source_dtypes = {name: f.info(name).dtype for name in expected}
         # zstd tensors are inflated into immutable bytes: copy them so training may write.
@@ -96,6 +101,10 @@ def load_init_tensors(
             stored = f.torch(name)
             tensor = stored.to(device=device, dtype=target_dtype or stored.dtype)
             result[name] = tensor.clone() if compressed and tensor.data_ptr() == stored.data_ptr() else tensor
+            if name not in nonfinite:  # quantized or compressed: not scanned in the read pass
+                info = f.info(name)
+                nonfinite[name] = count_nonfinite(f.raw(name), info.dtype, info.numel)
+        _refuse_nonfinite(f.path, nonfinite)
         skipped = {"lm_head.weight"} if dropped_head else set()
         result.unused = tuple(n for n in f.keys() if n not in expected and n not in skipped)
         result.dropped_tied_head = dropped_head
@@ -106,6 +115,32 @@ def load_init_tensors(
             stacklevel=2,
         )
     return result
+
+
+def _check_bytes(f: AprFile, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """Footer CRC-32 and NaN/Inf counts of the parameters, from one read of the file.
+
+    Raises:
+        FooterChecksum: the stored CRC does not match.
+    """
+
+    with open(f.path, "rb") as fh:
+        crc, counts = checksum_pass(fh, f)
+        fh.seek(f.file_size - FOOTER_SIZE)
+        (stored,) = struct.unpack("<I", fh.read(FOOTER_SIZE))
+    if crc != stored:
+        raise FooterChecksum(f.path, footer_mismatch(stored, crc, f.trailing_bytes))
+    return {name: count for name, count in counts.items() if name in expected}
+
+
+def _refuse_nonfinite(path: str, counts: dict[str, tuple[int, int]]) -> None:
+    bad = {name: c for name, c in counts.items() if c[0] or c[1]}
+    if not bad:
+        return
+    shown = [f"{_printable(name)} ({nan} NaN, {inf} Inf)" for name, (nan, inf) in list(bad.items())[:_NAMES_SHOWN]]
+    more = f" (+{len(bad) - _NAMES_SHOWN} more)" if len(bad) > _NAMES_SHOWN else ""
+    raise NonFiniteWeights(path, f"{len(bad)} tensor(s) hold non-finite weights, refusing to train from them: "
+                                 f"{', '.join(shown)}{more}")
 
 
 def _check_layer_count(f: AprFile, config: ArchitectureConfig) -> None:

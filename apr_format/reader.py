@@ -8,8 +8,9 @@ import mmap
 import os
 import struct
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -20,10 +21,11 @@ from .constants import (
     MAX_NAME_LENGTH, MAX_NDIM, METADATA_OFFSET, MIN_INDEX_ENTRY_SIZE, DType, Flag,
 )
 from .errors import (
-    AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
-    UnsupportedFeature,
+    AprError, CorruptIndex, CorruptMetadata, MissingTensor, Truncated, UnknownDType,
+    UnsupportedFeature, from_os_error, json_problem,
 )
 from .fileio import CHUNK, crc32
+from .integrity import StreamingVerifier
 from .header import Header, unpack_header
 
 
@@ -44,21 +46,37 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-class AprFile:
-    """An open .apr file. Parsing checks header, metadata and index; data stays on disk.
+class AprFile(Mapping):
+    """An open .apr file: a read-only mapping of tensor name -> numpy array.
 
-    Tensor access hands out views into a private (copy-on-write) mapping, so writing to a
-    returned array never touches the file and never faults.
+    Parsing checks header, metadata and index; data stays on disk. `f["name"]` gives a view
+    into a private (copy-on-write) mapping, so writing to a returned array never touches the
+    file and never faults. `in`, `len`, `.get`, `.keys`, `.items` work as on a dict; a missing
+    name raises MissingTensor, which is also a KeyError.
+
+    Opening reads the header, metadata and index only: the footer CRC-32 is checked by
+    `verify()` (one read of the whole file) or `StreamingVerifier` (while the bytes are read).
+
+    Raises:
+        FileMissing, NotAFile, Unreadable: the path cannot be opened (also OSError subclasses).
+        BadMagic, Truncated, CorruptMetadata, CorruptIndex, UnknownDType, ...: a broken file.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
         self._map: mmap.mmap | None = None
-        with open(self.path, "rb") as fh:
+        try:
+            fh = open(self.path, "rb")
+        except OSError as exc:
+            raise from_os_error(self.path, exc) from None
+        with fh:
             self.file_size = os.fstat(fh.fileno()).st_size
             if self.file_size == 0:
                 raise Truncated(self.path, "file is empty")
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            try:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as exc:  # a FIFO or device: nothing to map
+                raise from_os_error(self.path, exc) from None
         try:
             self._view = memoryview(self._map)
             self.header: Header = unpack_header(self._view[:HEADER_SIZE], self.path)
@@ -103,7 +121,8 @@ class AprFile:
         try:
             meta = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise CorruptMetadata(self.path, f"metadata is not valid UTF-8 JSON ({type(exc).__name__})") from None
+            problem = json_problem(exc, h.metadata_offset)
+            raise CorruptMetadata(self.path, f"metadata is not valid UTF-8 JSON ({problem})") from None
         if not isinstance(meta, dict):
             raise CorruptMetadata(self.path, f"metadata is a JSON {type(meta).__name__}, expected an object")
         return {k: v for k, v in meta.items() if v is not None}
@@ -185,9 +204,22 @@ class AprFile:
     # -- access --------------------------------------------------------------------------
     @property
     def flags(self) -> Flag:
+        """The header's flag bits."""
         return Flag(self.header.flags)
 
-    def keys(self) -> list[str]:
+    @property
+    def data_end(self) -> int:
+        """Where the data section ends: after the last tensor and its padding to 64 bytes."""
+        ends = [-(-(t.offset + t.size) // ALIGNMENT) * ALIGNMENT for t in self._tensors.values()]
+        return self.header.data_offset + max(ends, default=0)
+
+    @property
+    def trailing_bytes(self) -> int:
+        """Bytes between the end of the data section and the last 4 (footer) bytes: 0 in a well-formed
+        file; more when something was appended (then the last 4 bytes are not the real footer)."""
+        return max(0, self.file_size - FOOTER_SIZE - self.data_end)
+
+    def keys(self) -> list[str]:  # type: ignore[override]  # a list, as callers index and slice it
         """Tensor names in index (sorted) order."""
         return list(self._tensors)
 
@@ -205,27 +237,61 @@ class AprFile:
         return list(self._tensors.values())
 
     def info(self, name: str) -> TensorInfo:
-        """The index entry of `name`. Raises MissingTensor."""
+        """The index entry of `name`.
+
+        Raises:
+            MissingTensor (a KeyError): no tensor of that name.
+        """
         try:
             return self._tensors[name]
         except KeyError:
             raise MissingTensor(self.path, f"no tensor named {name!r}") from None
 
     def stored(self, name: str) -> memoryview:
-        """The tensor's bytes exactly as stored (a zstd frame when compressed)."""
+        """The tensor's bytes exactly as stored (a zstd frame when compressed), zero-copy.
+
+        Raises:
+            MissingTensor (a KeyError): no tensor of that name.
+        """
         info = self.info(name)
         start = self.header.data_offset + info.offset
         return self._live_view()[start : start + info.size]
 
     def raw(self, name: str) -> memoryview:
-        """The tensor's decoded bytes: zero-copy unless the file is zstd-compressed."""
+        """The tensor's decoded bytes: zero-copy unless the file is zstd-compressed.
+
+        Raises:
+            MissingTensor (a KeyError): no tensor of that name.
+            UnsupportedFeature / CorruptIndex: a zstd frame that does not inflate to its size.
+        """
         stored = self.stored(name)
         if not self.header.flags & Flag.ZSTD:
             return stored
         return memoryview(compression.decompress(stored, self.info(name).nbytes, self.path, name))
 
     def __getitem__(self, name: str) -> np.ndarray:
-        """A numpy view of the tensor (bf16 as uint16 bits, packed types as uint8 bytes)."""
+        """A numpy view of the tensor's values in its own dtype (bf16 as `ml_dtypes.bfloat16`).
+
+        Packed quantized types (q4, q8, q4_k, q6_k) come as their uint8 bytes: use `to_float32`.
+
+        Raises:
+            MissingTensor (a KeyError): no tensor of that name.
+        """
+        info = self.info(name)
+        arr = self.bits(name)
+        if info.dtype == "bf16":
+            import ml_dtypes
+
+            arr = arr.view(ml_dtypes.bfloat16)
+        return arr
+
+    def bits(self, name: str) -> np.ndarray:
+        """The tensor as stored, without interpreting it: bf16 as its uint16 bit patterns, every other
+        plain dtype as itself, packed quantized types as flat uint8 bytes (a zero-copy view).
+
+        Raises:
+            MissingTensor (a KeyError): no tensor of that name.
+        """
         info = self.info(name)
         dtype = _dtype_of(info)
         arr = np.frombuffer(self.raw(name), dtype=np.dtype(dtype.numpy))
@@ -245,14 +311,18 @@ class AprFile:
             return quants.dequantize_q4(raw, info.numel).reshape(info.shape)
         if info.dtype in ("q4_k", "q6_k"):
             raise UnsupportedFeature(self.path, f"tensor {name!r}: dequantizing {info.dtype} is not supported yet")
-        arr = self[name]
+        arr = self.bits(name)
         if info.dtype == "bf16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):  # f64 beyond f32 range becomes inf, NaN stays NaN
             return arr.astype(np.float32)
 
     def torch(self, name: str):
-        """A torch tensor viewing the mapping (bf16 stays bf16; q4/q8 are dequantized)."""
+        """A torch tensor viewing the mapping (bf16 stays bf16; q4/q8 are dequantized). Imports torch.
+
+        Raises:
+            MissingTensor (a KeyError); UnsupportedFeature for q4_k / q6_k.
+        """
         import torch
 
         info = self.info(name)
@@ -268,19 +338,15 @@ class AprFile:
         return flat.reshape(info.shape)
 
     def verify(self) -> None:
-        """Check the footer CRC-32 over the whole file (reads every byte).
+        """Check the footer CRC-32 over the whole file (reads every byte once, in bounded memory).
+
+        To check while reading the tensors anyway, use `StreamingVerifier` instead.
 
         Raises:
             FooterChecksum: the stored CRC does not match the content.
         """
-        view = self._live_view()
-        body = self.file_size - FOOTER_SIZE
-        (stored,) = struct.unpack_from("<I", view, body)
-        crc = 0
-        for start in range(0, body, CHUNK):
-            crc = crc32(view[start : min(start + CHUNK, body)], crc)
-        if crc != stored:
-            raise FooterChecksum(self.path, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
+        self._live_view()
+        StreamingVerifier(self).finish()
 
     def _live_view(self) -> memoryview:
         if self._map is None:
@@ -302,6 +368,9 @@ class AprFile:
                 mapping.close()
             except BufferError:
                 pass  # numpy/torch views still use it; it is unmapped when they die
+
+    __eq__ = object.__eq__  # identity, not Mapping's item-by-item comparison of arrays
+    __hash__ = object.__hash__
 
     def __enter__(self) -> "AprFile":
         return self
@@ -337,5 +406,16 @@ def _dtype_of(info: TensorInfo) -> DType:
 
 
 def open_apr(path: str | os.PathLike) -> AprFile:
-    """Open an .apr file lazily. Raises an AprError subclass for any structural problem."""
+    """Open an .apr file lazily: header, metadata and index are parsed and checked, tensor bytes
+    stay on disk until asked for. Use it as a context manager to release the mapping.
+
+    Returns:
+        An `AprFile`: a read-only mapping of tensor name -> numpy array, with `.metadata`,
+        `.header`, `.tensors()` (index entries), `.to_float32(name)`, `.torch(name)`, `.verify()`.
+
+    Raises:
+        FileMissing, NotAFile, Unreadable: the path cannot be opened (also OSError subclasses).
+        BadMagic (another kind of file), LegacyFormat, UnsupportedVersion, HeaderChecksum,
+        Truncated, CorruptMetadata, CorruptIndex, UnknownDType, ColumnMajor, UnsupportedFeature.
+    """
     return AprFile(path)

@@ -13,10 +13,11 @@ from . import quants
 from .constants import ALIGNMENT, DTYPE_BY_NAME, FOOTER_SIZE, HEADER_SIZE, Flag, index_entry_size
 from .errors import (
     AprError, BadMagic, ColumnMajor, CorruptIndex, CorruptMetadata, HeaderChecksum, LegacyFormat,
-    Truncated, UnknownDType, UnsupportedFeature, UnsupportedVersion,
+    Truncated, UnknownDType, UnsupportedFeature, UnsupportedVersion, from_os_error,
 )
 from .fileio import CHUNK, crc32
 from .header import unpack_header
+from .integrity import footer_mismatch
 from .reader import AprFile, open_apr
 from .writer import pad64
 
@@ -70,6 +71,7 @@ class ValidationReport:
     """Everything `validate_file` found; `failed` counts failing checks."""
 
     path: str
+    format: str = "apr"  # or "safetensors" / "hf" (converters.validate_hf)
     checks: list[Check] = field(default_factory=list)
     total_tensors: int = 0
     total_nan: int = 0
@@ -91,6 +93,7 @@ class ValidationReport:
         """JSON-ready form (the `apr validate --json` document)."""
         return {
             "path": self.path,
+            "format": self.format,
             "checks": [asdict(c) for c in self.checks],
             "failed": self.failed,
             "total_tensors": self.total_tensors,
@@ -106,10 +109,14 @@ def validate_file(path: str | os.PathLike) -> ValidationReport:
     Checks that need a parsed file are skipped once parsing fails.
 
     Raises:
-        OSError: the file cannot be opened at all (missing, a directory, no permission).
+        FileMissing, NotAFile, Unreadable (AprError and OSError subclasses): the file cannot be opened.
     """
     report = ValidationReport(os.fspath(path))
-    with open(report.path, "rb") as fh:
+    try:
+        fh = open(report.path, "rb")
+    except OSError as exc:
+        raise from_os_error(report.path, exc) from None
+    with fh:
         if not _check_header(report, fh.read(HEADER_SIZE)):
             return report
         try:
@@ -124,7 +131,7 @@ def validate_file(path: str | os.PathLike) -> ValidationReport:
             report.add("tensor bounds", True, "every tensor lies inside the data section, no overlaps")
             _check_layout(report, apr, fh)
             _check_alignment(report, apr)
-            crc, counts = _read_pass(fh, apr)
+            crc, counts = checksum_pass(fh, apr)
             _check_footer(report, apr, fh, crc)
             _check_data(report, apr, counts)
     return report
@@ -207,10 +214,13 @@ def _check_alignment(report: ValidationReport, apr: AprFile) -> None:
     )
 
 
-def _read_pass(fh: BinaryIO, apr: AprFile) -> tuple[int, dict[str, tuple[int, int]]]:
-    """One sequential read of the file through a CHUNK-sized buffer (flat memory, nothing mapped):
-    the CRC-32 of every byte before the footer and, from the same bytes, the (NaN, Inf) counts of
-    every f16/bf16/f32/f64 tensor of an uncompressed file."""
+def checksum_pass(fh: BinaryIO, apr: AprFile) -> tuple[int, dict[str, tuple[int, int]]]:
+    """One sequential read of the file through a CHUNK-sized buffer (flat memory, nothing mapped).
+
+    Returns:
+        The CRC-32 of every byte before the footer and, from the same bytes, name -> (NaN, Inf)
+        counts of every f16/bf16/f32/f64 tensor of an uncompressed file (others are absent).
+    """
     body = apr.file_size - FOOTER_SIZE
     base = apr.header.data_offset
     scan = not apr.header.flags & Flag.ZSTD
@@ -255,7 +265,7 @@ def _check_footer(report: ValidationReport, apr: AprFile, fh: BinaryIO, crc: int
     fh.seek(apr.file_size - FOOTER_SIZE)
     (stored,) = struct.unpack("<I", fh.read(FOOTER_SIZE).rjust(FOOTER_SIZE, b"\0"))
     if crc != stored:  # the reader's wording (AprFile.verify)
-        report.add("footer checksum", False, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
+        report.add("footer checksum", False, footer_mismatch(stored, crc, apr.trailing_bytes))
     else:
         report.add("footer checksum", True, "CRC-32 of the whole file matches")
 
@@ -283,7 +293,7 @@ def _check_data(report: ValidationReport, apr: AprFile, counts: dict[str, tuple[
                 continue
             if not scannable:
                 continue
-            nan, inf = _count_nonfinite(raw, info.dtype, info.numel)
+            nan, inf = count_nonfinite(raw, info.dtype, info.numel)
         scanned += 1
         if nan or inf:
             report.nonfinite.append(NonFinite(info.name, info.dtype, nan, inf))
@@ -308,7 +318,8 @@ def _check_data(report: ValidationReport, apr: AprFile, counts: dict[str, tuple[
     report.add("nan/inf", not report.nonfinite, detail)
 
 
-def _count_nonfinite(raw: memoryview, dtype: str, numel: int) -> tuple[int, int]:
+def count_nonfinite(raw: memoryview, dtype: str, numel: int) -> tuple[int, int]:
+    """(NaN, Inf) counts of `numel` values of `dtype` (f16/bf16/f32/f64 bits, q8, q4) in `raw`."""
     if dtype in _FLOAT_BITS:
         return _count_bits(raw, *_FLOAT_BITS[dtype], numel)
     if dtype == "q8":

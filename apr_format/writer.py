@@ -6,7 +6,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +54,17 @@ class AprWriter:
         *,
         compression: str | None = None,
         flags: int = 0,
+        before_publish: Callable[[], None] | None = None,
     ) -> None:
+        """`before_publish` runs once every byte is written, before the file takes the destination's
+        place: raising there (e.g. the source's checksum did not match) leaves the destination as it was."""
         if compression not in (None, "zstd"):
             raise InvalidArgument(path, f"unknown compression {compression!r} (choose zstd or none)")
         self.path = os.fspath(path)
         self.metadata = dict(metadata or {})
         self.compression = compression
         self.flags = Flag(flags)
+        self.before_publish = before_publish
         self._planned: dict[str, _Planned] = {}
         self._closed = False
 
@@ -76,6 +80,10 @@ class AprWriter:
 
         A `FileRange` (or a callable returning one) is copied file to file by the kernel while the
         CRC is computed: the fastest source when the stored bytes need no change.
+
+        Raises:
+            InvalidArgument: a bad or repeated name, missing dtype/shape for a lazy source, a size
+                that does not hold the shape. UnknownDType: a dtype APR has no code for.
         """
         encoded = name.encode("utf-8") if isinstance(name, str) else b""
         if not 1 <= len(encoded) <= MAX_NAME_LENGTH:
@@ -94,7 +102,12 @@ class AprWriter:
         self._planned[name] = _Planned(name, apr_dtype, dims, nbytes, data)
 
     def close(self) -> None:
-        """Write the file. Idempotent."""
+        """Write the file (temp beside it, fsync, rename). Idempotent.
+
+        Raises:
+            InvalidArgument: a producer returned other bytes than planned; OSError: naming the path;
+            whatever `before_publish` raises (the destination is then untouched).
+        """
         if self._closed:
             return
         self._closed = True
@@ -135,6 +148,8 @@ class AprWriter:
                 self._write_compressed(out, header, meta, entries, index_size)
             else:
                 self._write_plain(out, header, meta, entries)
+            if self.before_publish is not None:
+                self.before_publish()
 
     def _write_plain(self, out, header: Header, meta: bytes, entries: list[_Planned]) -> None:
         offsets, cursor = [], 0
@@ -324,7 +339,18 @@ def save_apr(
     metadata: Mapping[str, Any] | None = None,
     **writer_kwargs: Any,
 ) -> None:
-    """Write `tensors` (name -> array, tensor or callable) and `metadata` to `path` atomically."""
+    """Write `tensors` (name -> array, tensor or callable) and `metadata` to `path` atomically.
+
+    Arrays keep their dtype (numpy float32/float16/float64, ml_dtypes.bfloat16, ints; torch
+    tensors likewise); `writer_kwargs` go to AprWriter (compression="zstd", flags=...).
+
+    Returns:
+        None; `path` holds the complete file, or is untouched when anything failed.
+
+    Raises:
+        InvalidArgument: a bad name, shape or dtype combination; UnknownDType: a dtype APR lacks.
+        OSError: the destination cannot be written (the message names `path`).
+    """
     with AprWriter(path, metadata, **writer_kwargs) as writer:
         for name, data in tensors.items():
             writer.add(name, data)

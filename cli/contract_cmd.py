@@ -31,7 +31,12 @@ def contract_cmd() -> None:
               help="Project folder the test paths are relative to (default: nearest folder with pyproject.toml).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def check_cmd(path: str, run: bool, root: str | None, as_json: bool) -> None:
-    """Check FILE's schema and that every test it names exists. Exit 0 ok, 1 problems or failed tests, 2 unreadable."""
+    """Check FILE's schema and that every test it names exists. Exit 0 ok, 1 problems or failed tests, 2 unreadable.
+
+    \b
+    Example:
+      apr contract check contracts/apr-pretrain-arch-polymorphic-v1.yaml --run
+    """
     if run:
         click.echo("running the contract's tests with pytest...", err=True)
     report = _runner().check_contract(path, root=root, run=run)

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from .options import no_verify_option, warn_unverified
 from .render import ByteProgress, echo_json, escape, table
 
 EXIT_DIFFERENT = 1
@@ -16,17 +17,26 @@ EXIT_DIFFERENT = 1
 @click.argument("b", metavar="B")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no output; only the exit status.")
+@no_verify_option()
 @click.pass_context
-def diff_cmd(ctx: click.Context, a: str, b: str, as_json: bool, quiet: bool) -> None:
-    """Compare A and B (.apr, .safetensors or HF folders, any combination).
+def diff_cmd(ctx: click.Context, a: str, b: str, as_json: bool, quiet: bool, no_verify: bool) -> None:
+    """Compare A and B (.apr, .safetensors, .gguf or HF folders, any combination).
 
     Reports metadata differences, tensors only in A or B, dtype/shape changes, and for common
-    tensors the max abs difference, relative L2 and byte identity. Exit 0 when identical, 1 if not.
+    tensors the max abs difference, relative L2 and byte identity. An .apr whose footer CRC-32
+    does not match its bytes is an error (exit 2), never "identical". Exit 0 when identical, 1 if not.
+
+    \b
+    Examples:
+      apr diff model.apr run/final.apr
+      apr diff hf-model/ model.apr --json
     """
     from apr_converters.diff import diff_checkpoints
 
+    if no_verify:
+        warn_unverified([a, b])
     with ByteProgress("comparing", quiet or as_json) as progress:
-        result = diff_checkpoints(a, b, progress=progress)
+        result = diff_checkpoints(a, b, progress=progress, verify=not no_verify)
     data = result.to_dict()
     if as_json:
         echo_json(data)

@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 import click
 
 from apr_format import Flag, open_apr
+from apr_format.param_count import count_parameters
 
 from .render import echo_json, human_bytes, human_count, table
-from .sources import is_apr_input
+from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind, local_path
 
 # The transformer config keys, shown first (spec: "Metadata").
 ARCH_KEYS = (
@@ -43,8 +44,20 @@ class Entry(NamedTuple):
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def inspect_cmd(path: str, as_json: bool) -> None:
-    """Summarise FILE: an .apr file, a .safetensors file or an HF model folder."""
-    summary = summarize_apr(path) if is_apr_input(path) else summarize_hf(path)
+    """Summarise FILE: an .apr, .safetensors or GGUF file, an HF model folder or hf://ORG/NAME[@REVISION].
+
+    Reads the header, metadata and tensor index only: an .apr's footer checksum is not verified
+    (`apr validate` does that); bytes appended after its data are reported.
+
+    \b
+    Examples:
+      apr inspect model.apr
+      apr inspect SmolLM2-135M.Q8_0.gguf --json
+      apr inspect hf://HuggingFaceTB/SmolLM2-135M
+    """
+    path = local_path(path)
+    kind = input_kind(path)
+    summary = {"apr": summarize_apr, "gguf": summarize_gguf, "hf": summarize_hf}[kind](path)
     if as_json:
         echo_json(summary)
     else:
@@ -61,8 +74,10 @@ def summarize_apr(path: str) -> dict[str, Any]:
             "path": path,
             "version": f"{apr.header.version_major}.{apr.header.version_minor}",
             "file_size": apr.file_size,
+            "checksum": NOT_VERIFIED,
+            "trailing_bytes": apr.trailing_bytes,
             "tensor_count": len(entries),
-            "total_params": sum(e.numel for e in entries),
+            **param_fields(apr.metadata, entries),
             **{key: apr.metadata.get(key) for key in SUMMARY_KEYS},
             "flags": [flag.name for flag in Flag if apr.header.flags & flag],
             "header": header,
@@ -84,14 +99,44 @@ def summarize_hf(path: str) -> dict[str, Any]:
             "path": path,
             "file_size": sum(os.path.getsize(f) for f in source.files),
             "files": [os.path.basename(f) for f in source.files],
+            "checksum": NO_CHECKSUM,
             "tensor_count": len(entries),
-            "total_params": sum(e.numel for e in entries),
+            **param_fields(config, entries),
             **{key: config.get(key) for key in SUMMARY_KEYS},
             "dtypes": dtype_histogram(entries),
             "patterns": name_patterns(entries),
             "metadata": config,
             "safetensors_metadata": {os.path.basename(f): m for f, m in source.file_metadata.items()},
         }
+
+
+def summarize_gguf(path: str) -> dict[str, Any]:
+    """The same document for a GGUF file: its key/values (long arrays summarised) and tensor table."""
+    from apr_converters.gguf_source import canonical_summary, read_gguf
+
+    meta, tensors = read_gguf(path)
+    entries = [Entry(t.name, t.dtype, t.shape, t.numel, t.nbytes) for t in tensors]
+    config = canonical_config(canonical_summary(meta, tensors))
+    return {
+        "format": "gguf",
+        "path": path,
+        "version": meta.get("GGUF.version"),
+        "file_size": os.path.getsize(path),
+        "checksum": NO_CHECKSUM,
+        "tensor_count": len(entries),
+        **param_fields({}, entries),
+        **{key: config.get(key) for key in SUMMARY_KEYS},
+        "dtypes": dtype_histogram(entries),
+        "patterns": name_patterns(entries),
+        "metadata": meta,
+    }
+
+
+def param_fields(metadata: dict[str, Any], entries: list[Entry]) -> dict[str, Any]:
+    """`total_params` (distinct parameters, as convert, pretrain and metadata count them) and
+    `stored_params` (values in the file, with a tied lm_head copy), one definition everywhere."""
+    count = count_parameters(metadata, {e.name: e.shape for e in entries})
+    return {"total_params": count.distinct, "stored_params": count.stored, "tied_copy": count.tied_copy}
 
 
 def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +188,7 @@ def render_summary(summary: dict[str, Any]) -> str:
     """Human-readable inspect output: overview, metadata, dtype histogram, name patterns."""
     parts = [table(_overview(summary), tablefmt="plain")]
     if summary["metadata"]:
-        title = "metadata" if summary["format"] == "apr" else "config.json (canonical names)"
+        title = {"apr": "metadata", "gguf": "GGUF key/values"}.get(summary["format"], "config.json (canonical names)")
         parts.append(table([(k, abbreviate(v)) for k, v in summary["metadata"].items()], (title, "value")))
     parts.append(table(
         [(d, h["tensors"], human_count(h["params"]), human_bytes(h["bytes"])) for d, h in summary["dtypes"].items()],
@@ -167,14 +212,33 @@ def _overview(s: dict[str, Any]) -> list[tuple[str, str]]:
             ("header", f"metadata {h['metadata_size']} bytes at {h['metadata_offset']}, index at "
                        f"{h['tensor_index_offset']}, data at {h['data_offset']}, checksum {h['checksum']:#010x}"),
         ]
+    elif s["format"] == "gguf":
+        rows += [("format", f"GGUF v{s['version']}")]
     else:
         rows += [("format", "safetensors"), ("files", ", ".join(s["files"]))]
     rows += [
         ("file size", f"{human_bytes(s['file_size'])} ({s['file_size']:,} bytes)"),
+        ("footer CRC" if s["format"] == "apr" else "checksum", _checksum_note(s)),
         ("tensors", f"{s['tensor_count']:,}"),
-        ("parameters", f"{human_count(s['total_params'])} ({s['total_params']:,})"),
+        ("parameters", _params_note(s)),
     ]
     return rows
+
+
+def _checksum_note(s: dict[str, Any]) -> str:
+    if s["format"] != "apr":
+        return s["checksum"]
+    note = f"{s['checksum']} (apr validate checks it)"
+    if s["trailing_bytes"]:
+        note += f"; {s['trailing_bytes']:,} bytes after the data section (appended to the file?)"
+    return note
+
+
+def _params_note(s: dict[str, Any]) -> str:
+    text = f"{human_count(s['total_params'])} ({s['total_params']:,})"
+    if s["tied_copy"]:
+        text += f"; {human_count(s['stored_params'])} stored ({s['tied_copy']} is a copy of the tied embedding)"
+    return text
 
 
 def abbreviate(value: Any) -> str:

@@ -4,26 +4,50 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from typing import Any
 
 import click
 
 from apr_format import Flag, open_apr
 
-from .render import echo_json, table
-from .sources import is_apr_input
+from .main import EXIT_CHECK_FAILED
+from .render import echo_json, escape, table
+from .sources import NO_CHECKSUM, NOT_VERIFIED, input_kind, local_path
+
+_DIGITS = re.compile(r"([0-9]+)")
 
 
 @click.command("tensors")
 @click.argument("path", metavar="FILE")
-@click.option("--filter", "pattern", metavar="GLOB", help="Only names matching GLOB (fnmatch, case-sensitive).")
+@click.option("--filter", "pattern", metavar="GLOB",
+              help="Only names matching GLOB (fnmatch, case-sensitive); exit 1 when none does.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def tensors_cmd(path: str, pattern: str | None, as_json: bool) -> None:
-    """List the tensors of FILE (.apr, .safetensors or HF folder). `offset` is the byte offset in the file."""
-    listing = list_apr(path) if is_apr_input(path) else list_hf(path)
+@click.pass_context
+def tensors_cmd(ctx: click.Context, path: str, pattern: str | None, as_json: bool) -> None:
+    """List the tensors of FILE (.apr, .safetensors, GGUF, HF folder or hf://ORG/NAME[@REVISION]), layers in numeric order.
+
+    `offset` is the byte offset in the file. Reads the index only: an .apr's footer checksum is
+    not verified (`apr validate` does that).
+
+    \b
+    Examples:
+      apr tensors model.apr --filter '*.layers.0.*'
+      apr tensors model.gguf --json
+    """
+    path = local_path(path)
+    kind = input_kind(path)
+    listing = {"apr": list_apr, "gguf": list_gguf, "hf": list_hf}[kind](path)
+    listing["tensors"].sort(key=lambda t: natural_key(t["name"]))
     if pattern is not None:
         listing["tensors"] = [t for t in listing["tensors"] if fnmatch.fnmatchcase(t["name"], pattern)]
         listing["count"] = len(listing["tensors"])
+        if not listing["tensors"]:
+            click.echo(f"apr: {escape(path)}: no tensor name matches {escape(pattern)!s} "
+                       "(the filter is a case-sensitive glob such as '*.layers.0.*')", err=True)
+            if as_json:
+                echo_json(listing)
+            ctx.exit(EXIT_CHECK_FAILED)
     if as_json:
         echo_json(listing)
         return
@@ -46,6 +70,7 @@ def list_apr(path: str) -> dict[str, Any]:
             row["offset"] = apr.header.data_offset + t.offset
             tensors.append(row)
         return {"format": "apr", "path": path, "data_offset": apr.header.data_offset,
+                "checksum": NOT_VERIFIED, "trailing_bytes": apr.trailing_bytes,
                 "count": len(tensors), "tensors": tensors}
 
 
@@ -59,7 +84,23 @@ def list_hf(path: str) -> dict[str, Any]:
              "file": os.path.basename(t.file)}
             for t in source.tensors.values()
         ]
-    return {"format": "safetensors", "path": path, "count": len(tensors), "tensors": tensors}
+    return {"format": "safetensors", "path": path, "checksum": NO_CHECKSUM, "count": len(tensors), "tensors": tensors}
+
+
+def list_gguf(path: str) -> dict[str, Any]:
+    """Every tensor of a GGUF file: GGML type, row-major shape, bytes and absolute offset."""
+    from apr_converters.gguf_source import read_gguf
+
+    _, tensors = read_gguf(path)
+    rows = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "offset": t.offset}
+            for t in tensors]
+    return {"format": "gguf", "path": path, "checksum": NO_CHECKSUM, "count": len(rows), "tensors": rows}
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key putting layer 2 before layer 10: digit runs compare as numbers."""
+    # split() with a group puts the digit runs at the odd positions
+    return [(0, int(part), "") if i % 2 else (1, 0, part) for i, part in enumerate(_DIGITS.split(name))]
 
 
 def _cell(value: Any) -> Any:

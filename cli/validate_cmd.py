@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from apr_format.errors import InvalidArgument
+from apr_format.sniff import identify
 from apr_format.validate import validate_file
 
 from .main import EXIT_CHECK_FAILED
@@ -14,8 +16,26 @@ from .render import echo_json, escape, table
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 def validate_cmd(path: str, as_json: bool) -> None:
-    """Check FILE (.apr) thoroughly. Exit 0 when every check passes, 1 when any fails, 2 if it cannot be read."""
-    report = validate_file(path)
+    """Check FILE (.apr, .safetensors or an HF folder) thoroughly: structure, sizes, bounds, overlaps,
+    checksums (.apr), the shard index (HF folders) and a NaN/Inf scan of every float tensor.
+
+    Exit 0 when every check passes, 1 when any fails, 2 if it cannot be read.
+
+    \b
+    Examples:
+      apr validate model.apr
+      apr validate Qwen2.5-0.5B/ --json
+    """
+    kind = identify(path)
+    if kind == "folder":
+        raise InvalidArgument(path, "is a folder without config.json or .safetensors files; apr validate checks "
+                                    ".apr and safetensors files and HF folders")
+    if kind in ("safetensors", "hf-folder"):
+        from apr_converters.validate_hf import validate_hf
+
+        report = validate_hf(path)
+    else:  # its magic check names what another kind of file is
+        report = validate_file(path)
     if as_json:
         echo_json(report.to_dict())
     else:

@@ -18,6 +18,7 @@ from apr_format.destination import check_output_file, check_output_folder
 from apr_format.errors import InvalidArgument, UnsupportedFeature
 from apr_format.families import FAMILIES, family_of, is_tied
 from apr_format.fileio import FileRange, equal_chunks
+from apr_format.integrity import StreamingVerifier
 from apr_format.safetensors_writer import OutTensor, apr_nbytes, file_size, layout, write_safetensors
 
 from .hf_source import INDEX_FILE, SINGLE_FILE
@@ -25,6 +26,7 @@ from .mapped import AprStream
 from .metadata import HF_FILES, HF_INDEX, SOURCE_METADATA, hf_config_text
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+NO_VERIFY_HINT = "--no-verify reads it anyway"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -74,15 +76,21 @@ def export_apr_to_hf(
     max_shard_size: str | int | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    verify: bool = True,
 ) -> ExportReport:
     """Write an HF folder that `from_pretrained` loads: config.json, weights (sharded above
     `max_shard_size`, with model.safetensors.index.json), carried tokenizer/generation files.
 
     With `max_shard_size` None the source checkpoint's own shard split is restored when the
     .apr carries it (and still matches the tensors), otherwise shards are cut at 5GB.
-    The folder is built beside `out_dir` and renamed into place when complete.
+    The folder is built beside `out_dir` and renamed into place when complete, after the source's
+    footer CRC-32 (computed while its bytes stream, unless `verify` is False) matched.
+
+    Returns:
+        An ExportReport: files written, tensor count, bytes, names left out.
 
     Raises:
+        FooterChecksum: the source's bytes do not match its checksum (nothing is written).
         OutputExists: `out_dir` exists, is not empty, and `force` is False.
         UnsupportedFeature: quantized tensors (safetensors has no q4/q8/q4_k/q6_k).
         InvalidArgument: a tied model whose lm_head differs from its embedding; bad sizes.
@@ -91,12 +99,13 @@ def export_apr_to_hf(
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE, out_dir)
     check_output_folder(out_dir, force)
     report = ExportReport(source=src, output=out_dir)
-    with open_apr(src) as apr, _closing(AprStream(apr)) as stream:
+    with open_apr(src) as apr, _closing(AprStream(apr, _verifier(apr, verify))) as stream:
         tensors, report.dropped = _tensors(apr, stream, progress)
         shards = (_source_split(tensors, apr.metadata) if max_shard_size is None else None) \
             or _shard(tensors, limit, apr.metadata)
         with replacing_folder(out_dir) as tmp:
             report.files, report.config_written = _write_folder(tmp, apr, shards)
+            _finish(stream)
     report.tensor_count = len(tensors)
     report.total_size = sum(t.nbytes for t in tensors)
     return report
@@ -108,7 +117,18 @@ def _closing(stream: AprStream) -> Iterator[AprStream]:
         yield stream
     finally:
         stream.close()
+        if stream.verifier is not None:
+            stream.verifier.close()
 
+
+def _verifier(apr: AprFile, verify: bool) -> StreamingVerifier | None:
+    return StreamingVerifier(apr, NO_VERIFY_HINT) if verify else None
+
+
+def _finish(stream: AprStream) -> None:
+    """The source's checksum, before anything made from it is published."""
+    if stream.verifier is not None:
+        stream.verifier.finish()
 
 
 def export_apr_to_safetensors(
@@ -117,11 +137,19 @@ def export_apr_to_safetensors(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    verify: bool = True,
 ) -> ExportReport:
     """Write every tensor of `src` (less aprender's tied lm_head copy) into one safetensors file,
     or stream it to a binary stream such as stdout.
 
+    The footer CRC-32 is checked while the bytes stream into the file (which is renamed into place
+    only then); a stream cannot be taken back, so for one the file is checked first.
+
+    Returns:
+        An ExportReport.
+
     Raises:
+        FooterChecksum: the source is corrupt (unless `verify` is False).
         OutputExists, UnsupportedFeature, InvalidArgument: as for `export_apr_to_hf`.
     """
     src = os.fspath(src)
@@ -130,7 +158,10 @@ def export_apr_to_safetensors(
     if stream is None:
         check_output_file(dst_name, force, example="model.safetensors")
     report = ExportReport(source=src, output=str(dst_name))
-    with open_apr(src) as apr, _closing(AprStream(apr)) as source:
+    with open_apr(src) as apr, _closing(AprStream(apr, _verifier(apr, verify))) as source:
+        if stream is not None and source.verifier is not None:
+            source.verifier.finish()  # bytes sent down a pipe cannot be taken back: check first
+            source.verifier = None
         tensors, report.dropped = _tensors(apr, source, progress)
         meta = _st_metadata(apr.metadata)
         if stream is not None:
@@ -138,6 +169,7 @@ def export_apr_to_safetensors(
         else:
             with replacing(dst_name) as out:
                 write_safetensors(out, tensors, meta)
+                _finish(source)
             report.files = [dst_name]
     report.tensor_count = len(tensors)
     report.total_size = sum(t.nbytes for t in tensors)
@@ -153,7 +185,7 @@ def _tensors(apr: AprFile, stream: AprStream, progress: Progress | None) -> tupl
             apr.path, f"tensor {quantized[0]!r} is {apr.info(quantized[0]).dtype}: safetensors cannot hold "
             "quantized tensors (convert from the source without --keep-quant)",
         )
-    head = _head_copy(apr, stream)
+    head = tied_head_copy(apr, stream)
     dropped = [head] if head else []
     infos = [info for info in apr.tensors() if info.name not in dropped]
     total = sum(info.nbytes for info in infos)
@@ -165,7 +197,7 @@ def _tensors(apr: AprFile, stream: AprStream, progress: Progress | None) -> tupl
     return out, dropped
 
 
-def _head_copy(apr: AprFile, stream: AprStream) -> str | None:
+def tied_head_copy(apr: AprFile, stream: AprStream) -> str | None:
     """The name of aprender's lm_head copy when the model is tied, else None.
 
     Raises:

@@ -16,8 +16,12 @@ from apr_format import AprFile, open_apr
 from apr_format.constants import DTYPE_BY_NAME, MAGIC, MAGIC_V1
 from apr_format.families import FAMILIES, Family, family_of, is_tied, map_config
 from apr_format.fileio import CHUNK, CHUNK_VALUES, equal_chunks
+from apr_format.integrity import StreamingVerifier
+from apr_format.sniff import identify
 
+from .apr_to_hf import NO_VERIFY_HINT
 from .dtype_cast import to_float
+from .gguf_source import GgufValues
 from .hf_source import HfSource, open_hf_source
 from .mapped import AprStream
 
@@ -102,13 +106,19 @@ class DiffResult:
 class _Side:
     """One checkpoint behind a common face: metadata, tensor infos, bytes and float values."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, verify: bool) -> None:
         self.path = path
         self.apr: AprFile | None = None
         self.hf: HfSource | None = None
-        if _is_apr(path):
+        self.gguf: GgufValues | None = None
+        kind = identify(path)
+        if kind == "gguf":
+            self.gguf = GgufValues(path)
+            self.kind = "gguf"
+            self.infos = dict(self.gguf.infos)
+        elif kind in ("apr", "apr-v1"):  # open_apr names a v1 file
             self.apr = open_apr(path)
-            self.stream = AprStream(self.apr)
+            self.stream = AprStream(self.apr, StreamingVerifier(self.apr, NO_VERIFY_HINT) if verify else None)
             self.kind = "apr"
             self.infos = {t.name: (t.dtype, t.shape) for t in self.apr.tensors()}
         else:
@@ -118,6 +128,8 @@ class _Side:
 
     @property
     def metadata(self) -> dict[str, Any]:
+        if self.gguf is not None:
+            return dict(self.gguf.config)
         return dict(self.apr.metadata) if self.apr is not None else dict(self.hf.config or {})
 
     def family(self) -> Family:
@@ -148,36 +160,61 @@ class _Side:
         return out
 
     def nbytes(self, name: str) -> int:
+        if self.gguf is not None:
+            return self.gguf.nbytes(name)
         return self.apr.info(name).nbytes if self.apr is not None else self.hf.tensors[name].nbytes
 
     def chunks(self, name: str, step: int):
-        return (self.stream if self.apr is not None else self.hf).chunks(name, step)
+        source = self.gguf if self.gguf is not None else self.stream if self.apr is not None else self.hf
+        return source.chunks(name, step)
 
     def float_chunks(self, name: str):
-        """Float64 chunks of the tensor's values (q4 / q8 dequantized whole)."""
+        """Float64 chunks of the tensor's values (q4 / q8 and GGUF blocks dequantized whole)."""
         dtype, _ = self.infos[name]
+        if self.gguf is not None:
+            dtype = self.gguf.output_dtype(name)
+            for chunk in self.gguf.chunks(name, CHUNK_VALUES * DTYPE_BY_NAME[dtype].itemsize):
+                yield to_float(chunk, dtype, "<f8")
+            return
         if DTYPE_BY_NAME[dtype].quantized:
             yield self.apr.to_float32(name).reshape(-1).astype(np.float64)
             return
         for chunk in self.chunks(name, CHUNK_VALUES * DTYPE_BY_NAME[dtype].itemsize):
             yield to_float(chunk, dtype, "<f8")
 
+    def finish(self) -> None:
+        """Check the footer CRC-32 of an .apr side, from the bytes compared (and the rest)."""
+        if self.apr is not None and self.stream.verifier is not None:
+            self.stream.verifier.finish()
+
     def close(self) -> None:
         if self.apr is not None:
             self.stream.close()
-        (self.apr if self.apr is not None else self.hf).close()
+            if self.stream.verifier is not None:
+                self.stream.verifier.close()
+        source = next(s for s in (self.gguf, self.apr, self.hf) if s is not None)  # an empty AprFile is falsy
+        source.close()
 
 
-def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, progress: Progress | None = None) -> DiffResult:
+def diff_checkpoints(
+    a: str | os.PathLike, b: str | os.PathLike, *, progress: Progress | None = None, verify: bool = True
+) -> DiffResult:
     """Compare checkpoints `a` and `b` (.apr, .safetensors or HF folder, any combination).
 
+    The footer CRC-32 of an .apr side is computed from the bytes compared (no second pass) unless
+    `verify` is False: a corrupt file is an error, never "different" or "identical".
+
+    Returns:
+        A DiffResult (`identical`, `difference_count`, per-tensor figures, `to_dict()`).
+
     Raises:
+        FooterChecksum: an .apr side is corrupt.
         AprError subclasses for unreadable inputs.
     """
     a, b = os.fspath(a), os.fspath(b)
-    side_a = _Side(a)
+    side_a = _Side(a, verify)
     try:
-        side_b = _Side(b)
+        side_b = _Side(b, verify)
     except BaseException:
         side_a.close()
         raise
@@ -191,6 +228,8 @@ def diff_checkpoints(a: str | os.PathLike, b: str | os.PathLike, *, progress: Pr
             result.tensors.append(_compare_tensor(side_a, side_b, name))
             if progress is not None:
                 progress(name, side_a.nbytes(name), total)
+        side_a.finish()
+        side_b.finish()
         return result
     finally:
         side_a.close()
@@ -305,9 +344,4 @@ def _short(value: Any) -> Any:
     return f"<{type(value).__name__} of {size}, sha256 {digest}>"
 
 
-def _is_apr(path: str) -> bool:
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4) in (MAGIC, MAGIC_V1)
 

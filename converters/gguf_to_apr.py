@@ -8,7 +8,7 @@ import os
 import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from apr_format.destination import check_output_file
 from apr_format.fileio import CHUNK_VALUES
 from apr_format.errors import (
     CorruptMetadata, CorruptSource, InvalidArgument, MissingConfigKey, MissingTensor, ShapeMismatch,
-    UnsupportedArchitecture, UnsupportedFeature, VocabMismatch,
+    UnsupportedArchitecture, UnsupportedFeature, VocabMismatch, from_os_error,
 )
 from apr_format.families import (
     GGUF_ARCHITECTURES, GGUF_CONFIG_DEFAULTS, GGUF_CONFIG_KEYS, GGUF_REQUIRED_KEYS, GGUF_TOKEN_ID_KEYS,
@@ -31,12 +31,14 @@ from .dtype_cast import cast
 from .gguf_tokenizer import tokenizer_files
 from .hf_to_apr import ConversionReport, Progress
 from .metadata import apr_metadata
+from .quantize import QuantReport, check_kind, quantizes
 
 OUT_DTYPES = ("bf16", "f16", "f32")
 # GGML type -> APR dtype with identical block bytes (codes 12 / 14): kept unchanged by --keep-quant.
 KEEP_RAW = {d.gguf: d.name for d in DTYPES.values() if d.quantized and d.gguf}
 _MAX_GGUF_DIMS = 4  # GGML_MAX_DIMS
 _INTEGER_TYPES = frozenset(("I8", "I16", "I32", "I64"))
+_PLAIN_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # GGML float types stored value by value
 _GGUF_MAGIC = b"GGUF"
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -47,6 +49,8 @@ class GgufReport(ConversionReport):
 
     source_types: dict[str, int] = field(default_factory=dict)  # GGML type -> GGUF tensor count
     kept_quantized: int = 0  # tensors written raw as q4_k / q6_k (--keep-quant)
+    # per GGML type: {"source_type", "count", "output", "reason"}: what became of its tensors and why
+    dtype_choices: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # GGUF tensors dropped on purpose (rope_freqs)
     tokenizer: str | None = None  # tokenizer.ggml.model rebuilt as tokenizer.json, None if none
 
@@ -64,18 +68,22 @@ def convert_gguf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
-    dtype: str = "bf16",
+    dtype: str | None = None,
     keep_quant: bool = False,
     force: bool = False,
     lm_head_copy: bool = True,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> GgufReport:
     """Write `dst` (.apr) from the GGUF file `src`.
 
     Tensors get HF names and HF layout (llama.cpp's q/k row permutation undone for the llama
-    family); quantized tensors are dequantized to `dtype`, or with `keep_quant` Q4_K / Q6_K
-    are copied raw as APR q4_k / q6_k. A tied model gets `lm_head.weight` as a copy of the
+    family). With `dtype` None the output is lossless: F32 / F16 / BF16 tensors keep their
+    dtype and quantized blocks are dequantized to f32 (as transformers' GGUF loader does);
+    a `dtype` casts everything to it. With `keep_quant` Q4_K / Q6_K are copied raw as APR
+    q4_k / q6_k. `dtype_choices` in the report says what became of each GGML type and why. A tied model gets `lm_head.weight` as a copy of the
     embedding unless `lm_head_copy` is False. The tokenizer is rebuilt as HF tokenizer.json.
+    `quantize` (q8/q4) packs the tensors aprender quantizes from their float32 values instead.
 
     Raises:
         InvalidArgument, OutputExists, CorruptSource (not GGUF, truncated, inconsistent),
@@ -83,21 +91,22 @@ def convert_gguf(
         ShapeMismatch, VocabMismatch.
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    if dtype not in OUT_DTYPES:
+    if dtype is not None and dtype not in OUT_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(OUT_DTYPES)}")
+    check_kind(quantize, dst)
+    if quantize and keep_quant:
+        raise InvalidArgument(src, "--keep-quant and --quantize contradict each other (choose one)")
     check_output_file(dst, force, src=src)
     reader = open_gguf(src)
     meta = read_metadata(reader, src)
     reader.fields.clear()  # gguf-py keeps numpy arrays per token string; `meta` has the values now
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedArchitecture(
-            src, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})"
-        )
+        what = f"GGUF architecture {arch!r} is" if isinstance(arch, str) else "a GGUF without general.architecture is"
+        raise UnsupportedArchitecture(src, f"{what} not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
     family = get_family(GGUF_ARCHITECTURES[arch], src)
-    tensors, skipped = _map_tensors(reader, src)
+    tensors, skipped = map_tensors(reader, src)
     config = hf_config(meta, arch, tensors, src)
-    config["torch_dtype"] = DTYPE_BY_NAME[dtype].torch
     warnings = [f"{name} dropped: llama3-style rope scaling is not supported, plain RoPE is used"
                 for name in skipped if name.startswith("rope_freqs")]
     tok = tokenizer_files(meta, src, model_max_length=config["max_position_embeddings"])
@@ -107,7 +116,10 @@ def convert_gguf(
             src, f"tokenizer has {tok.vocab_size} tokens, more than the model's {config['vocab_size']} rows"
         )
     tied = config["tie_word_embeddings"]
-    entries = _plan(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src)
+    entries = plan_tensors(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src, quantize)
+    floats = sorted(entries, key=lambda e: e.name != _EMBED)  # the embedding's dtype names the model's
+    config["torch_dtype"] = DTYPE_BY_NAME[next((e.dtype for e in floats if e.dtype in OUT_DTYPES), "f32")].torch
+    choices = _dtype_choices(entries, dtype, keep_quant)  # before the head copy: one line per GGUF tensor
     param_count = sum(_numel(e.shape) for e in entries)
     if tied and lm_head_copy:
         embed = next(e for e in entries if e.name == _EMBED)
@@ -116,23 +128,56 @@ def convert_gguf(
     extra_files = {**tok.files, "generation_config.json": _generation_config(config)}
     metadata, flags = apr_metadata(
         config, source=src, original_format="gguf", extra_files=extra_files,
-        param_count=param_count, total_size=total_size,
+        param_count=param_count, total_size=total_size, name=_general_name(meta),
     )
     metadata.update(_gguf_keys(meta, reader))
     kept = [e for e in entries if e.dtype in KEEP_RAW.values()]
     if kept:
         metadata["quantization"] = _quantization(kept)
+    quant = QuantReport.for_plan(quantize, [(e.name, e.dtype) for e in entries])
+    if quant is not None:
+        metadata.update(quant.metadata())
     with AprWriter(dst, metadata, flags=flags) as writer:
         for entry in entries:
-            writer.add(entry.name, _loader(entry, progress, total_size), dtype=entry.dtype, shape=entry.shape)
+            writer.add(entry.name, _loader(entry, progress, total_size, quant, src), dtype=entry.dtype, shape=entry.shape)
     return GgufReport(
         source=src, output=dst, architecture=arch, family=family.name, tensor_count=len(entries),
         param_count=param_count, total_size=total_size, bytes_written=os.path.getsize(dst), dtype=dtype,
         dtypes=dict(sorted(Counter(e.dtype for e in entries).items())), lm_head_copy=tied and lm_head_copy,
         carried_files=sorted(extra_files), warnings=warnings,
         source_types=metadata["gguf_tensor_types"], kept_quantized=len(kept), skipped=skipped,
-        tokenizer=tok.model if tok.files else None,
+        tokenizer=tok.model if tok.files else None, quantization=quant.summary() if quant else None,
+        dtype_choices=choices,
     )
+
+
+def _general_name(meta: dict[str, Any]) -> str | None:
+    name = meta.get("general.name")
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def _dtype_choices(entries: list[_Entry], dtype: str | None, keep_quant: bool) -> list[dict[str, Any]]:
+    """Per GGML type: how many tensors, what they became, and why (the report says it in one line each)."""
+    groups = Counter((e.tensor.tensor_type.name, e.dtype) for e in entries)
+    choices = []
+    for (source, output), count in sorted(groups.items()):
+        choices.append({"source_type": source, "count": count, "output": output,
+                        "reason": _reason(source, output, dtype, keep_quant)})
+    return choices
+
+
+def _reason(source: str, output: str, dtype: str | None, keep_quant: bool) -> str:
+    if output in KEEP_RAW.values():
+        return "kept as quantized blocks (--keep-quant)"
+    plain = source in _PLAIN_TYPES
+    if dtype is not None:
+        exact = plain and _PLAIN_TYPES[source] == dtype or (source == "F16" and dtype == "f32")
+        verb = "kept" if plain and _PLAIN_TYPES[source] == dtype else "cast" if plain else "dequantized"
+        return f"{verb} to {dtype} (--dtype {dtype}{'' if exact else ': values rounded'})"
+    if plain:
+        return "kept as it is (lossless default)"
+    why = "APR keeps only Q4_K and Q6_K blocks; " if keep_quant else ""
+    return f"{why}dequantized to f32, every value exact (lossless default; --dtype bf16 for a smaller file)"
 
 
 # -- reading the GGUF --------------------------------------------------------------------------
@@ -167,7 +212,11 @@ def _check_layout(src: str) -> None:
     Raises:
         CorruptSource: bad magic or version, or a length that runs past the end of the file.
     """
-    with open(src, "rb") as fh:
+    try:
+        fh = open(src, "rb")
+    except OSError as exc:
+        raise from_os_error(src, exc) from None
+    with fh:
         magic = fh.read(4)
         if magic != _GGUF_MAGIC:
             raise CorruptSource(src, f"not a GGUF file: magic is {magic!r}, expected b'GGUF'")
@@ -255,7 +304,7 @@ def read_metadata(reader: Any, src: str) -> dict[str, Any]:
     return out
 
 
-def _map_tensors(reader: Any, src: str) -> tuple[dict[str, Any], list[str]]:
+def map_tensors(reader: Any, src: str) -> tuple[dict[str, Any], list[str]]:
     """HF name -> GGUF tensor, and the GGUF names skipped on purpose.
 
     Raises:
@@ -365,8 +414,9 @@ def _quantization(kept: list[_Entry]) -> dict[str, Any]:
 
 
 # -- planning and loading ----------------------------------------------------------------------
-def _plan(
-    tensors: dict[str, Any], config: dict, family: str, permuted: bool, dtype: str, keep_quant: bool, src: str
+def plan_tensors(
+    tensors: dict[str, Any], config: dict, family: str, permuted: bool, dtype: str | None, keep_quant: bool, src: str,
+    quantize: str | None = None,
 ) -> list[_Entry]:
     """One entry per HF tensor with its output dtype; names and shapes checked against the family.
 
@@ -391,10 +441,21 @@ def _plan(
                 src, f"tensor {t.name!r} ({name}) has shape {list(shape)}, expected {list(expected[name])}"
             )
         _check_type(t, src)
-        out = KEEP_RAW[t.tensor_type.name] if keep_quant and t.tensor_type.name in KEEP_RAW else dtype
+        out = _output_dtype(t.tensor_type.name, dtype, keep_quant)
+        if quantize is not None and quantizes(name, _numel(shape)):
+            out = quantize
         heads_key = permute_heads_key(name) if permuted else None
         entries.append(_Entry(name, t, shape, out, config[heads_key] if heads_key else None))
     return entries
+
+
+def _output_dtype(ggml_type: str, dtype: str | None, keep_quant: bool) -> str:
+    """Kept raw (--keep-quant), cast (--dtype), or lossless: plain floats as they are, blocks to f32."""
+    if keep_quant and ggml_type in KEEP_RAW:
+        return KEEP_RAW[ggml_type]
+    if dtype is not None:
+        return dtype
+    return _PLAIN_TYPES.get(ggml_type, "f32")
 
 
 def _check_type(t: Any, src: str) -> None:
@@ -411,11 +472,16 @@ def _check_type(t: Any, src: str) -> None:
         ) from None
 
 
-def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[], np.ndarray]:
+def _loader(
+    entry: _Entry, progress: Progress | None, total: int, quant: QuantReport | None = None, src: str | None = None
+) -> Callable[[], np.ndarray | bytes]:
     """Zero-argument producer of one output tensor (called once, while the writer streams)."""
 
-    def load() -> np.ndarray:
-        result = _convert(entry)
+    def load() -> np.ndarray | bytes:
+        if quant is not None and entry.dtype == quant.kind:
+            result = quant.pack(entry.name, convert_tensor(replace(entry, dtype="f32")), src)
+        else:
+            result = convert_tensor(entry)
         if progress is not None:
             progress(entry.name, _nbytes(entry), total)
         return result
@@ -423,7 +489,7 @@ def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[]
     return load
 
 
-def _convert(entry: _Entry) -> np.ndarray:
+def convert_tensor(entry: _Entry) -> np.ndarray:
     """The output bytes of one tensor, dequantized a block of rows at a time (bounded memory).
 
     Every GGML type quantizes rows independently, so llama.cpp's q/k row permutation is undone

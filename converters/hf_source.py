@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from apr_format.errors import CorruptSource, MissingTensor
+from apr_format.errors import CorruptSource, MissingTensor, from_os_error
 from apr_format.fileio import CHUNK
+from apr_format.sniff import SNIFF_BYTES, describe, identify_bytes
 
 from .mapped import MappedFiles
 from .safetensors_io import HeaderEntry, parse_header
@@ -23,13 +24,6 @@ CARRIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
     "chat_template.jinja",
 )
-
-
-_OTHER_FORMATS = {
-    b"APR\x00": "is an .apr file, not safetensors",
-    b"APRN": "is an APR v1 file, not safetensors",
-    b"GGUF": "is a GGUF file, not safetensors (name it *.gguf to convert it)",
-}
 
 
 @dataclass(frozen=True)
@@ -74,7 +68,7 @@ class HfSource:
         elif os.path.isfile(self.path):
             self._add_files([self.path])
         elif not os.path.exists(self.path):
-            raise FileNotFoundError(2, "No such file or directory", self.path)
+            raise from_os_error(self.path, FileNotFoundError(2, "No such file or directory", self.path))
         else:
             raise CorruptSource(self.path, "not a file or folder")
 
@@ -148,9 +142,9 @@ class HfSource:
 
     def _map_file(self, file: str) -> tuple[list[HeaderEntry], dict[str, str]]:
         view = self._mapped.open(file)
-        magic = bytes(view[:4])
-        if magic in _OTHER_FORMATS:
-            raise CorruptSource(file, _OTHER_FORMATS[magic])
+        kind = identify_bytes(bytes(view[:SNIFF_BYTES]))
+        if kind not in ("safetensors", "binary", "empty"):  # let the header parser say what is wrong with those
+            raise CorruptSource(file, f"is {describe(kind)}, not safetensors")
         return parse_header(view, file)
 
     # -- access --------------------------------------------------------------------------

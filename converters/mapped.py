@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from apr_format import AprFile, Flag
 from apr_format.fileio import CHUNK, FileRange, release_pages
+from apr_format.integrity import StreamingVerifier
 
 
 
@@ -76,10 +77,15 @@ class MappedFiles:
 
 class AprStream:
     """Tensor bytes of an open .apr through our own mapping, so each tensor's pages can be released
-    after use (AprFile keeps everything it touched resident). zstd files decode through AprFile."""
+    after use (AprFile keeps everything it touched resident). zstd files decode through AprFile.
 
-    def __init__(self, apr: AprFile) -> None:
+    With a `verifier` every byte handed out also feeds the footer CRC-32 (call `verifier.finish()`
+    before publishing what was made from them).
+    """
+
+    def __init__(self, apr: AprFile, verifier: StreamingVerifier | None = None) -> None:
         self.apr = apr
+        self.verifier = verifier
         self._compressed = bool(apr.flags & Flag.ZSTD)
         self._mapped = MappedFiles()
         if not self._compressed:
@@ -88,21 +94,42 @@ class AprStream:
     def stream(self, name: str) -> memoryview:
         """The tensor's decoded bytes; the previously streamed tensor's pages are released."""
         if self._compressed:
+            self._feed_stored(name)
             return self.apr.raw(name)
-        return self._mapped.stream(*self._range(name))
+        view = self._mapped.stream(*self._range(name))
+        if self.verifier is not None:
+            self.verifier.feed(self._range(name)[1], view)
+        return view
 
     def file_range(self, name: str) -> FileRange | None:
-        """Where the tensor's bytes lie in the file, for a kernel-side copy (None when zstd-compressed)."""
-        return None if self._compressed else FileRange(*self._range(name))
+        """Where the tensor's bytes lie in the file, for a kernel-side copy (None when zstd-compressed).
+        The verifier reads the range first (the copy then finds it in the page cache)."""
+        if self._compressed:
+            return None
+        file, start, nbytes = self._range(name)
+        if self.verifier is not None:
+            self.verifier.read_to(start + nbytes)
+        return FileRange(file, start, nbytes)
 
     def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
         """The tensor's decoded bytes in chunks of `step`, pages released as it goes."""
         if self._compressed:
+            self._feed_stored(name)
             raw = self.apr.raw(name)
             for offset in range(0, len(raw), step):
                 yield raw[offset : offset + step]
-        else:
-            yield from self._mapped.chunks(*self._range(name), step)
+            return
+        file, start, nbytes = self._range(name)
+        offset = start
+        for chunk in self._mapped.chunks(file, start, nbytes, step):
+            if self.verifier is not None:
+                self.verifier.feed(offset, chunk)
+            offset += len(chunk)
+            yield chunk
+
+    def _feed_stored(self, name: str) -> None:
+        if self.verifier is not None:
+            self.verifier.feed(self.apr.header.data_offset + self.apr.info(name).offset, self.apr.stored(name))
 
     def _range(self, name: str) -> tuple[str, int, int]:
         info = self.apr.info(name)

@@ -33,8 +33,12 @@ def apr_metadata(
     param_count: int,
     total_size: int,
     config_text: str | None = None,
+    name: str | None = None,
 ) -> tuple[dict[str, Any], int]:
     """The APR metadata dict and extra header flags (HAS_VOCAB) for a model.
+
+    `name` is the model's own name (a GGUF's general.name); None takes config.json's
+    `_name_or_path`, then the file or folder name.
 
     `hf_config` is a config.json-style dict (None for a bare weights file); `config_text` its
     original text, kept verbatim when re-serialising would not reproduce it; `extra_files`
@@ -47,7 +51,7 @@ def apr_metadata(
     if isinstance(model_type, str):
         meta["model_type"] = family.name if family else model_type
         meta["architecture"] = model_type
-    meta["name"] = _name(source)
+    meta["name"] = name or _config_name(config) or _name(source)
     meta["source"] = source
     meta["original_format"] = original_format
     meta["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -115,6 +119,14 @@ def rebuild_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _config_name(config: Mapping[str, Any] | None) -> str | None:
+    """config.json's `_name_or_path` (the hub id or folder it was saved from), when it names something."""
+    value = (config or {}).get("_name_or_path")
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return os.path.basename(os.path.normpath(value)) if os.path.isabs(value) else value
+
+
 def _name(source: str) -> str:
     base = os.path.basename(os.path.normpath(source))
     stem, ext = os.path.splitext(base)
@@ -129,9 +141,9 @@ def _chat_keys(files: Mapping[str, str], parsed: Mapping[str, dict[str, Any]]) -
         out["chat_template"] = template
     special = {}
     for key in _SPECIAL_TOKENS:
-        token = _token_text(tok_config.get(key))
+        token = token_text(tok_config.get(key))
         if token is None:
-            token = _token_text(parsed.get("special_tokens_map.json", {}).get(key))
+            token = token_text(parsed.get("special_tokens_map.json", {}).get(key))
         if token is not None:
             special[key] = token
     added = _added_tokens(parsed.get("tokenizer.json", {}))
@@ -169,7 +181,7 @@ def _tokenizer_keys(parsed: Mapping[str, dict[str, Any]], config: Mapping[str, A
         if isinstance(token_id, list) and token_id:  # Llama 3 lists several eos ids
             token_id = token_id[0]
         if not isinstance(token_id, int) or isinstance(token_id, bool):
-            token_id = lookup.get(_token_text(tok_config.get(f"{key}_token")))
+            token_id = lookup.get(token_text(tok_config.get(f"{key}_token")))
         if token_id is not None:
             out[f"tokenizer.{key}_token_id"] = token_id
     return out
@@ -183,7 +195,8 @@ def _added_tokens(tokenizer: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
+    """The text of a special token given as a string or as {"content": ...} (tokenizer_config.json)."""
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):

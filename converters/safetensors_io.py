@@ -7,7 +7,7 @@ import struct
 from dataclasses import dataclass
 
 from apr_format.constants import DTYPE_BY_NAME, DTYPE_BY_SAFETENSORS
-from apr_format.errors import CorruptSource, Truncated, UnknownDType
+from apr_format.errors import CorruptSource, Truncated, UnknownDType, json_problem
 
 MAX_HEADER_SIZE = 100_000_000  # the limit the safetensors library itself enforces
 
@@ -44,7 +44,7 @@ def parse_header(view: memoryview | bytes, path: str) -> tuple[list[HeaderEntry]
     try:
         header = json.loads(bytes(view[8 : 8 + header_len]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptSource(path, f"safetensors header is not valid UTF-8 JSON ({type(exc).__name__})") from None
+        raise CorruptSource(path, f"safetensors header is not valid UTF-8 JSON ({json_problem(exc, 8)})") from None
     if not isinstance(header, dict):
         raise CorruptSource(path, f"safetensors header is a JSON {type(header).__name__}, expected an object")
     data_start, data_size = 8 + header_len, size - 8 - header_len

@@ -1,11 +1,13 @@
 """Test helpers importable from any test: tiny real HF checkpoints and their .apr, the one CLI runner (with
-fault injection), leftover detection, token streams, run metrics. Tests import this module, never conftest."""
+fault injection), leftover detection, token streams, run metrics, tokenizers trained on text with every
+whitespace trap. Tests import this module, never conftest."""
 
 from __future__ import annotations
 
 import filecmp
 import json
 import os
+import random
 import re
 import resource
 import signal
@@ -57,6 +59,43 @@ def build_hf_checkpoint(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder
+
+
+def build_hf_checkpoint_with_tokenizer(folder: Path, family: str, **overrides) -> Path:
+    """`build_hf_checkpoint` with 512 embedding rows plus the checked-in tiny BPE tokenizer (400 tokens,
+    eos <|im_end|>, a ChatML chat template) from fixtures/tiny-qwen2-hf."""
+    import shutil
+
+    build_hf_checkpoint(folder, family, **{"vocab_size": 512, **overrides})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "tiny-qwen2-hf" / name, folder / name)
+    return folder
+
+
+def transformers_greedy(reference, prompt_ids: list[int], n: int, **kwargs) -> list[int]:
+    """The ids transformers' `generate(do_sample=False)` adds to `prompt_ids` (kwargs: e.g. eos_token_id)."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids)])
+    kwargs.setdefault("pad_token_id", 0)
+    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def transformers_loss(reference, ids, seq_len: int, batch: int = 8) -> tuple[float, int]:
+    """(mean next-token cross-entropy, windows) of a transformers model over the non-overlapping
+    `seq_len` windows of `ids` (last partial window dropped): the perplexity definition of `apr eval`."""
+    import torch
+    import torch.nn.functional as F
+
+    windows = len(ids) // seq_len
+    rows = torch.as_tensor(np.asarray(ids[: windows * seq_len], dtype=np.int64)).view(windows, seq_len)
+    total = 0.0
+    with torch.no_grad():
+        for chunk in rows.split(batch):
+            logits = reference(chunk).logits[:, :-1].double()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum"))
+    return total / (windows * (seq_len - 1)), windows
 
 
 def assert_same_folder(source: Path, copy: Path) -> None:
@@ -224,3 +263,64 @@ def write_hf_folder(folder: Path, config: dict = TINY_CONFIG, seed: int = 0) -> 
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(qwen2_tensors(config, seed), folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+# Text that hits the traps: runs of newlines and spaces, tabs, CRLF, digits, punctuation before
+# newlines (merged with them by the Qwen/Llama 3 pre-tokenizer), CJK, combining marks, emoji.
+_LINES = [
+    "The miller walked to the river.", "", "   indented by three", "\t\ttabbed", "x", "12345678901",
+    "ends with punctuation!!!", "日本語のテキスト", "e\u0301t\u0301e\u0301 combining", "🙂 emoji 🙂", "",
+    "", "", "    ", "trailing spaces   ", "CRLF line\r", "'s 've 'll contractions", "a\u00a0nbsp", "--",
+]
+
+
+def tricky_text(n_chars: int, seed: int = 0) -> str:
+    """About `n_chars` of random lines from _LINES, joined by one to five newlines."""
+    rng = random.Random(seed)
+    out, size = [], 0
+    while size < n_chars:
+        line = rng.choice(_LINES) + " " * rng.choice([0, 0, 1, 4]) + "\n" * rng.choice([1, 1, 1, 2, 5])
+        out.append(line)
+        size += len(line)
+    return "".join(out)
+
+
+def build_bpe_tokenizer(path: Path, style: str) -> Path:
+    """A real BPE tokenizer.json: GPT-2 byte level, Qwen/Llama 3 split regex, or a prefix-space variant."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if style == "qwen":
+        pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=style == "prefix-space")
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([tricky_text(200_000)], trainer)
+    tok.save(str(path))
+    return path
+
+
+# What a new user's data folder held (issue 15): text under .md and upper-case names, nested, and a table.
+MIXED_FOLDER = {"README.md": "# readme\n", "b.TXT": "upper case suffix\n", "sub/a.txt": "a\n", "table.csv": "a,b\n"}
+
+
+def mixed_text_folder(root: Path) -> Path:
+    """`root` holding MIXED_FOLDER's files."""
+    for name, text in MIXED_FOLDER.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py): HF rotate-half q/k rows -> GGML adjacent pairs."""
+    grouped = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(weights.shape)

@@ -97,12 +97,13 @@ def load_data(config: TrainConfig, source: ModelSource) -> tuple[TokenDataset, l
     declared = stream.info.vocab_size if stream.info else None
     max_id = stream.max_id()
     check_vocab(rows, where=source.label, declared=declared, max_id=max_id, exact=source.exact_vocab)
-    notes = [_data_note(stream, max_id, rows, loaded[0] if loaded else None)]
+    notes = [*stream.notes, _data_note(stream, max_id, rows, loaded[0] if loaded else None)]
     notes += _tokenizer_mismatches(config, source, stream, loaded[0] if config.tokenizer is not None else None)
     source.arch.check_sequence_length(config.seq_len, flag="--seq-len")
     dataset = TokenDataset(stream, config.seq_len, config.val_fraction)
     split = dataset.split
     notes.append(f"split: {split.n_train:,} training tokens, last {split.n_val:,} held out for validation")
+    notes += dataset.size_warnings(config.batch_size * config.grad_accum, config.val_batches * config.batch_size)
     if config.seq_len > source.arch.max_position_embeddings:
         notes.append(f"warning: --seq-len {config.seq_len} exceeds max_position_embeddings "
                      f"{source.arch.max_position_embeddings} of the architecture")

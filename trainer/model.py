@@ -58,6 +58,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+class LayerCache:
+    """One layer's keys and values [B, kv_heads, max_len, head_dim], filled position by position."""
+
+    def __init__(self, shape: tuple[int, int, int, int], device, dtype) -> None:
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v; return the keys and values of every position so far."""
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class KVCache:
+    """Past keys and values of every layer for up to `max_len` positions, and their RoPE tables (inference)."""
+
+    def __init__(self, config: ArchitectureConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        self.layers = [LayerCache(shape, device, dtype) for _ in range(config.num_layers)]
+        self.cos, self.sin = rotary_cos_sin(config, max_len, device, dtype)
+        self.max_len = max_len
+
+    @property
+    def length(self) -> int:
+        """Positions already processed."""
+        return self.layers[0].length if self.layers else 0
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and optional q/k/v (and o) biases."""
 
@@ -70,19 +102,29 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.o_proj_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """`cache` (inference): the new positions' keys/values are stored and all past ones attended to."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+            causal = past == 0  # the prompt: plain causal attention, as in training
+            if past and t > 1:  # query i (position past + i) sees keys 0 .. past + i
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and _GQA_IN_SDPA:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         else:
             if groups > 1:  # older torch: kv head j serves query heads j*groups .. j*groups+groups-1
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -109,8 +151,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -179,6 +223,22 @@ class DecoderLM(nn.Module):
         if targets is None:
             return F.linear(h, self.head_weight)
         return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.head_weight, targets.reshape(-1))
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.LongTensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, T, vocab] of the next positions (after the cache's), extending `cache` with them.
+
+        Raises:
+            ValueError: the cache has no room for T more positions.
+        """
+        start, t = cache.length, input_ids.shape[1]
+        if start + t > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, {start} used, {t} more asked for")
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = cache.cos[start : start + t], cache.sin[start : start + t]
+        for layer, layer_cache in zip(self.model.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, layer_cache)
+        return F.linear(self.model.norm(x), self.head_weight)
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied head counts once)."""

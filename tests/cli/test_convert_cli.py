@@ -45,7 +45,7 @@ def test_errors_are_one_line_with_exit_2(hf_llama, tmp_path):
     assert "tensor 'lm_head.weight' has shape [320, 64] but the llama config needs [999, 64]" in proc.stderr
     assert not (tmp_path / "b.apr").exists()
     proc = run_apr("convert", hf_llama, "-o", tmp_path / "k.apr", "--keep-quant")
-    assert proc.returncode == 2 and "--keep-quant applies to GGUF input only" in proc.stderr
+    assert proc.returncode == 2 and f"apr: error: --keep-quant: does not apply to HF input ({hf_llama})" in proc.stderr
 
 
 def test_export_formats_and_stdout(hf_qwen2, tmp_path):

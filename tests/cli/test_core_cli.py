@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from apr_cli.tensors_cmd import natural_key
 from apr_format import AprWriter, save_apr
 from apr_testing import GOLDEN, build_hf_checkpoint, run_apr, run_apr_json
 
@@ -87,7 +88,7 @@ def test_tensors_json_rows_point_at_the_right_bytes(name):
     doc = run_apr_json("tensors", GOLDEN / name)
     data = (GOLDEN / name).read_bytes()
     assert doc["count"] == len(spec["tensors"]) == len(doc["tensors"])
-    assert [t["name"] for t in doc["tensors"]] == sorted(spec["tensors"], key=lambda n: n.encode("utf-8"))
+    assert [t["name"] for t in doc["tensors"]] == sorted(spec["tensors"], key=natural_key)
     for row in doc["tensors"]:
         want = spec["tensors"][row["name"]]
         assert list(row) == ["name", "dtype", "shape", "nbytes", "offset"]
@@ -101,9 +102,20 @@ def test_tensors_filter():
     names = [t["name"] for t in doc["tensors"]]
     assert len(names) == doc["count"] == 7
     assert all(n.startswith("model.layers.1.") and n.endswith("proj.weight") for n in names)
-    assert run_apr_json("tensors", GOLDEN / "tiny-qwen2.apr", "--filter", "nothing*")["tensors"] == []
+    nothing = run_apr("tensors", GOLDEN / "tiny-qwen2.apr", "--filter", "nothing*", "--json")
+    assert nothing.returncode == 1 and json.loads(nothing.stdout)["tensors"] == []
+    assert "no tensor name matches nothing*" in nothing.stderr
     human = run_apr("tensors", GOLDEN / "tiny-qwen2.apr", "--filter", "*norm*", check=True).stdout
     assert "model.norm.weight" in human and "q_proj" not in human and "5 tensors" in human
+
+
+def test_tensors_sort_layer_numbers_naturally(tmp_path):
+    names = [f"model.layers.{i}.w" for i in (10, 2, 1, 0, 11, 3)]
+    save_apr(tmp_path / "m.apr", {name: np.zeros(2, np.float32) for name in names})
+    listed = [t["name"] for t in run_apr_json("tensors", tmp_path / "m.apr")["tensors"]]
+    assert listed == [f"model.layers.{i}.w" for i in (0, 1, 2, 3, 10, 11)]
+    human = run_apr("tensors", tmp_path / "m.apr", check=True).stdout
+    assert human.index("layers.2.") < human.index("layers.10.")
 
 
 def test_tensors_on_zstd_file_shows_stored_bytes(tmp_path):
@@ -118,7 +130,7 @@ def test_validate_passes_valid_goldens(name):
     proc = run_apr("validate", GOLDEN / name, "--json")
     assert proc.returncode == 0, proc.stdout
     doc = json.loads(proc.stdout)
-    assert list(doc)[:5] == ["path", "checks", "failed", "total_tensors", "total_nan"]
+    assert list(doc)[:6] == ["path", "format", "checks", "failed", "total_tensors", "total_nan"]
     assert (doc["failed"], doc["total_tensors"], doc["total_nan"], doc["total_inf"]) == (
         0, len(EXPECTED[name]["tensors"]), 0, 0)
     names = [c["name"] for c in doc["checks"]]
@@ -173,7 +185,7 @@ def test_missing_file_and_directory_exit_2(command, tmp_path):
 
 @pytest.mark.parametrize("command", ["inspect", "tensors"])
 @pytest.mark.parametrize("name,words", [
-    ("bad-magic.apr", "not an APR file"), ("truncated.apr", "beyond the file's end"),
+    ("bad-magic.apr", "GGUF"), ("truncated.apr", "beyond the file's end"),
     ("legacy-v1-aprn.apr", "APR v1"), ("bad-header-checksum.apr", "header checksum"),
     ("column-major.apr", "LAYOUT_COLUMN_MAJOR"), ("huge-tensor-count.apr", "tensor_count 4294967295"),
 ])

@@ -12,6 +12,7 @@ from apr_format.errors import MissingConfigKey, UnsupportedArchitecture
 from apr_format.families import CONFIG_KEYS, FAMILIES, expected_tensors, map_config
 from apr_converters.hf_to_apr import convert_hf_to_apr
 from apr_converters.metadata import apr_metadata, config_json, rebuild_config
+from apr_testing import run_apr, run_apr_json
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "tiny-qwen2-hf"
 
@@ -95,3 +96,33 @@ def test_tables_are_data():
     assert FAMILIES["qwen2"].attention_bias and not FAMILIES["llama"].attention_bias
     assert all(f.rope_type == 2 for f in FAMILIES.values())
     assert CONFIG_KEYS["num_hidden_layers"] == "num_layers"
+
+
+def test_parameter_count_is_distinct_everywhere_with_the_stored_count_beside_it(hf_qwen2, qwen_apr):
+    """A tied model: inspect of the .apr (with aprender's lm_head copy), of the HF folder, the metadata and
+    the trainer's architecture all say the same count; the stored copy is shown beside it."""
+    from apr_format import read_architecture
+
+    apr = run_apr_json("inspect", qwen_apr)
+    hf = run_apr_json("inspect", hf_qwen2)
+    with open_apr(qwen_apr) as f:
+        meta_count = f.metadata["param_count"]
+        head = f.info("lm_head.weight").numel
+    assert apr["total_params"] == hf["total_params"] == meta_count == read_architecture(qwen_apr).param_count()
+    assert apr["stored_params"] == meta_count + head and apr["tied_copy"] == "lm_head.weight"
+    assert hf["stored_params"] == hf["total_params"] and hf["tied_copy"] is None
+    human = run_apr("inspect", qwen_apr, check=True).stdout
+    assert "stored (lm_head.weight is a copy of the tied embedding)" in human
+
+
+def test_name_comes_from_the_config_name_or_path(hf_qwen2, tmp_path):
+    import shutil
+
+    folder = tmp_path / "some-local-folder"
+    shutil.copytree(hf_qwen2, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["_name_or_path"] = "Qwen/Qwen2.5-0.5B-Instruct"
+    (folder / "config.json").write_text(json.dumps(config))
+    run_apr("convert", folder, "-o", tmp_path / "m.apr", check=True)
+    with open_apr(tmp_path / "m.apr") as f:
+        assert f.metadata["name"] == "Qwen/Qwen2.5-0.5B-Instruct"

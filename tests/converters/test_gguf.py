@@ -14,7 +14,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from apr_format import Flag, open_apr
-from apr_testing import run_apr, run_apr_json
+from apr_testing import llama_permute, run_apr, run_apr_json
 from apr_format.errors import (
     AprError, CorruptSource, MissingConfigKey, MissingTensor, OutputExists, UnsupportedArchitecture,
 )
@@ -33,12 +33,6 @@ PRE_OF = {"llama": "gpt2", "qwen2": "qwen2"}  # tokenizer.ggml.pre written for e
 
 
 # -- GGUF writing, as llama.cpp's convert_hf_to_gguf.py does it ----------------------------------
-def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's LlamaModel.permute (HF rotate-half rows -> GGML adjacent pairs)."""
-    grouped = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-    return grouped.swapaxes(1, 2).reshape(weights.shape)
-
-
 # Pre-tokenization as the HF tokenizer.json of each model spells it, by tokenizer.ggml.pre.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -85,7 +79,7 @@ def add_bpe_tokenizer(w: gguf.GGUFWriter, tok: Tokenizer, n_vocab: int, pre: str
 def write_gguf(
     path: Path, model: torch.nn.Module, qtype: Q, *, tokenizer: Tokenizer | None = None,
     drop: tuple[str, ...] = (), arch: str | None = None, block_count: int | None = None,
-    extra: dict[str, np.ndarray] | None = None,
+    extra: dict[str, np.ndarray] | None = None, name: str | None = None,
 ) -> Path:
     """Write an HF Llama / Qwen2 model as llama.cpp would: GGUF names (gguf's own TensorNameMap),
     q/k rows permuted for llama, 1-D tensors in F32, 2-D tensors in `qtype`."""
@@ -93,6 +87,8 @@ def write_gguf(
     family = cfg.model_type
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch or family)
+    if name is not None:
+        w.add_name(name)
     w.add_block_count(block_count or cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -191,15 +187,52 @@ def test_f32_gguf_gives_the_hf_tensors_bit_for_bit(hf_model, tokenizer, tmp_path
     assert meta["rope_type"] == 2
 
 
-def test_default_bf16_output_is_torch_rounding_of_the_source(hf_model, tmp_path):
+def test_bf16_output_is_torch_rounding_of_the_source(hf_model, tmp_path):
     src = write_gguf(tmp_path / "m.gguf", hf_model, Q.F32)
-    report = convert_gguf(src, tmp_path / "m.apr")
+    report = convert_gguf(src, tmp_path / "m.apr", dtype="bf16")
     assert report.dtype == "bf16" and set(report.dtypes) == {"bf16"}
+    assert {c["reason"] for c in report.dtype_choices} == {"cast to bf16 (--dtype bf16: values rounded)"}
     with open_apr(tmp_path / "m.apr") as f:
         for name, tensor in hf_model.state_dict().items():
             assert torch.equal(f.torch(name), tensor.to(torch.bfloat16)), name
         assert f.metadata["hf_config"]["torch_dtype"] == "bfloat16"
         assert f.flags == Flag.LAYOUT_ROW_MAJOR  # no tokenizer, no quantized tensor
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_1], ids=lambda q: q.name)
+def test_default_output_is_lossless_and_says_so(hf_llama, qtype, tmp_path):
+    """No --dtype: F16 stays f16 byte for byte, quantized blocks become exactly gguf's f32 values (never bf16)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "m.gguf", model, qtype)
+    report = convert_gguf(src, tmp_path / "m.apr")
+    reader = gguf.GGUFReader(src)
+    stored = {t.name: (t.tensor_type, np.asarray(t.data)) for t in reader.tensors}
+    with open_apr(tmp_path / "m.apr") as f:
+        kind, data = stored["blk.0.ffn_down.weight"]
+        down = f["model.layers.0.mlp.down_proj.weight"]
+        if qtype == Q.F16:
+            assert down.dtype == np.float16 and down.tobytes() == data.tobytes()
+        else:
+            assert down.dtype == np.float32
+            np.testing.assert_array_equal(down, gguf.quants.dequantize(data, kind))
+        assert f.info("model.norm.weight").dtype == "f32"  # F32 norms kept
+        assert "bf16" not in {t.dtype for t in f.tensors()}
+    choices = {c["source_type"]: c for c in report.dtype_choices}
+    assert choices["F32"]["output"] == "f32" and "kept as it is" in choices["F32"]["reason"]
+    if qtype != Q.F16:
+        assert choices[qtype.name]["output"] == "f32"
+        assert "every value exact" in choices[qtype.name]["reason"] and "--dtype bf16" in choices[qtype.name]["reason"]
+    proc = run_apr("convert", src, "-o", tmp_path / "cli.apr", check=True)
+    assert f"{qtype.name}: " in proc.stdout and "lossless default" in proc.stdout
+
+
+def test_keep_quant_says_which_blocks_it_could_not_keep(hf_llama, tmp_path):
+    """--keep-quant on a Q4_1 file: nothing can be kept; the report says so and why, per type."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "m.gguf", model, Q.Q4_1)
+    proc = run_apr("convert", src, "-o", tmp_path / "m.apr", "--keep-quant", check=True)
+    line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("Q4_1:"))
+    assert "-> f32" in line and "APR keeps only Q4_K and Q6_K blocks" in line
 
 
 # Tolerances on max |logit difference| sized for each GGUF type (relative to max |logit|).
@@ -304,11 +337,13 @@ def test_sentencepiece_vocabulary_is_rebuilt_with_merges_and_byte_fallback():
     assert tok.decode(accented, skip_special_tokens=True) == "the caté"
 
 
-def test_keep_quant_copies_k_quant_rows_raw(tmp_path):
-    """--keep-quant: Q4_K / Q6_K bytes stored as APR q4_k / q6_k, q/k rows un-permuted as whole rows."""
-    hidden, heads, kv_heads, ffn, vocab = 256, 4, 2, 256, 64
+K_QUANT_SIZES = dict(hidden=256, heads=4, kv_heads=2, ffn=256, vocab=64)
+
+
+def write_k_quant_gguf(path: Path) -> dict[str, np.ndarray]:
+    """A one-layer llama GGUF of random Q4_K / Q6_K matrices (F32 norms); returns the raw blocks."""
+    hidden, heads, kv_heads, ffn, vocab = K_QUANT_SIZES.values()
     rng = np.random.default_rng(0)
-    path = tmp_path / "k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     for add, value in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, hidden),
                        (w.add_feed_forward_length, ffn), (w.add_head_count, heads), (w.add_head_count_kv, kv_heads),
@@ -330,10 +365,20 @@ def test_keep_quant_copies_k_quant_rows_raw(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return raw
 
+
+def test_keep_quant_copies_k_quant_rows_raw(tmp_path):
+    """--keep-quant: Q4_K / Q6_K bytes stored as APR q4_k / q6_k, q/k rows un-permuted as whole rows."""
+    hidden, heads, kv_heads = K_QUANT_SIZES["hidden"], K_QUANT_SIZES["heads"], K_QUANT_SIZES["kv_heads"]
+    path = tmp_path / "k.gguf"
+    raw = write_k_quant_gguf(path)
     report = convert_gguf(path, tmp_path / "raw.apr", keep_quant=True)
     convert_gguf(path, tmp_path / "f32.apr", dtype="f32")
-    assert report.kept_quantized == 9 and report.dtypes == {"bf16": 3, "q4_k": 7, "q6_k": 2}
+    assert report.kept_quantized == 9 and report.dtypes == {"f32": 3, "q4_k": 7, "q6_k": 2}
+    assert {c["source_type"]: c["reason"] for c in report.dtype_choices} == {
+        "Q4_K": "kept as quantized blocks (--keep-quant)", "Q6_K": "kept as quantized blocks (--keep-quant)",
+        "F32": "kept as it is (lossless default)"}
     q_order = np.argsort(llama_permute(np.arange(hidden), heads))
     k_order = np.argsort(llama_permute(np.arange(kv_heads * 64), kv_heads))
     with open_apr(tmp_path / "raw.apr") as f, open_apr(tmp_path / "f32.apr") as g:
@@ -527,3 +572,53 @@ def test_mutated_headers_give_apr_errors_or_a_valid_file(hf_qwen2, tmp_path):
         except AprError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 50, outcomes
+
+
+# -- GGUF in inspect, tensors and diff, under any name ------------------------------------------
+def test_inspect_and_tensors_read_gguf_whatever_its_name(hf_llama, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "m.gguf", model, Q.Q8_0)
+    renamed = tmp_path / "weights.bin"
+    os.rename(src, renamed)
+    doc = run_apr_json("inspect", renamed)
+    assert (doc["format"], doc["architecture"], doc["num_layers"], doc["vocab_size"]) == ("gguf", "llama", 2, 320)
+    assert doc["metadata"]["general.architecture"] == "llama" and doc["checksum"] == "none in this format"
+    assert doc["total_params"] == sum(p.numel() for p in model.parameters())
+    assert set(doc["dtypes"]) == {"Q8_0", "F32"}
+    listing = run_apr_json("tensors", renamed)
+    reader = gguf.GGUFReader(renamed)
+    assert listing["count"] == len(reader.tensors)
+    by_name = {t["name"]: t for t in listing["tensors"]}
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert by_name["token_embd.weight"] == {"name": "token_embd.weight", "dtype": "Q8_0", "shape": [320, 64],
+                                            "nbytes": int(embd.n_bytes), "offset": int(embd.data_offset)}
+    names = [t["name"] for t in listing["tensors"]]
+    assert names.index("blk.0.attn_k.weight") < names.index("blk.1.attn_k.weight")
+    out = tmp_path / "m.apr"
+    run_apr("convert", renamed, "-o", out, check=True)
+    with open_apr(out) as f:
+        assert f.metadata["original_format"] == "gguf"
+
+
+def test_diff_compares_a_gguf_with_its_conversion(hf_llama, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "m.gguf", model, Q.Q8_0)
+    convert_gguf(src, tmp_path / "lossless.apr")
+    convert_gguf(src, tmp_path / "small.apr", dtype="bf16")
+    same = json.loads(run_apr("diff", src, tmp_path / "lossless.apr", "--json").stdout)
+    assert same["only_in_a"] == [] and same["only_in_b"] == []
+    assert all(t["max_abs_diff"] == 0.0 for t in same["tensors"]), same["tensors"]
+    rounded = json.loads(run_apr("diff", src, tmp_path / "small.apr", "--json").stdout)
+    down = next(t for t in rounded["tensors"] if t["name"] == "model.layers.0.mlp.down_proj.weight")
+    assert down["dtype"] == ["Q8_0", "bf16"] and down["max_abs_diff"] > 0
+
+
+def test_name_comes_from_general_name_not_the_file_name(hf_llama, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
+    src = write_gguf(tmp_path / "smollm2-135m-instruct-q8_0.gguf", model, Q.Q8_0, name="SmolLM2 135M Instruct")
+    convert_gguf(src, tmp_path / "m.apr")
+    unnamed = write_gguf(tmp_path / "plain.gguf", model, Q.Q8_0)
+    convert_gguf(unnamed, tmp_path / "p.apr")
+    with open_apr(tmp_path / "m.apr") as f, open_apr(tmp_path / "p.apr") as g:
+        assert f.metadata["name"] == "SmolLM2 135M Instruct"
+        assert g.metadata["name"] == "plain"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from apr_testing import ROOT
+from apr_testing import ROOT, run_apr_json, transformers_greedy, transformers_loss
 
 _spec = importlib.util.spec_from_file_location("smollm2_proof", ROOT / "benchmarks" / "smollm2_proof.py")
 proof = importlib.util.module_from_spec(_spec)
@@ -53,3 +53,74 @@ def test_pretrain_init_starts_from_trained_weights(smollm2, tmp_path):
     assert losses["init_val_loss"] < 6.0
     assert losses["random_val_loss"] > 9.0
     assert abs(losses["random_val_loss"] - math.log(49152)) < 1.0
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    """transformers' model and tokenizer on the exported folder (the same bf16 weights), computing in fp32."""
+    import torch
+    import transformers
+
+    folder = smollm2[2]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_apr_run_equals_transformers_greedy_continuation(smollm2, reference):
+    gguf, apr, _, _ = smollm2
+    model, tokenizer = reference
+    prompt_ids = tokenizer(proof.PROMPT).input_ids
+    expected = transformers_greedy(model, prompt_ids, 16)
+    result = run_apr_json("run", apr, "-p", proof.PROMPT, "-n", "16", "--device", "cpu")
+    assert result["tokens"] == expected
+    assert result["text"].startswith(" Paris"), result["text"]
+
+
+def test_apr_run_on_the_gguf_equals_transformers_gguf_loader(smollm2):
+    import torch
+    import transformers
+
+    gguf = smollm2[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    prompt_ids = tokenizer(proof.PROMPT).input_ids
+    result = run_apr_json("run", gguf, "-p", proof.PROMPT, "-n", "16", "--device", "cpu")
+    assert result["tokens"] == transformers_greedy(model.eval(), prompt_ids, 16)
+    assert "Paris" in result["text"]
+
+
+def test_apr_eval_equals_transformers_perplexity(smollm2, reference):
+    _, apr, _, _ = smollm2
+    model, tokenizer = reference
+    ids = tokenizer(proof.CORPUS.read_text(), add_special_tokens=False).input_ids[:2048]
+    loss, windows = transformers_loss(model, ids, 256)
+    result = run_apr_json("eval", apr, "--data", proof.CORPUS, "--seq-len", "256", "--max-tokens", "2048")
+    assert (result["windows"], result["tokens"]) == (windows, windows * 255) == (8, 2040)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert result["perplexity"] < 50  # a trained model on English text (26.7), not a random one (~49152)
+
+
+_qspec = importlib.util.spec_from_file_location("smollm2_quant_export", ROOT / "benchmarks" / "smollm2_quant_export.py")
+quant_export = importlib.util.module_from_spec(_qspec)
+_qspec.loader.exec_module(quant_export)
+
+
+def test_q8_and_q4_keep_the_perplexity_close(smollm2, tmp_path):
+    """Two 256-token windows of the corpus (the benchmark script measures the whole corpus)."""
+    gguf = smollm2[0]
+    figures = quant_export.quantization(gguf, tmp_path, seq_len=256, max_windows=2)
+    for kind in ("q8", "q4"):
+        assert figures[kind]["quantized"] == 212 and figures[kind]["kept_float"] == 61  # 30 x 7 + embed + head
+    assert abs(figures["q8"]["perplexity_change"]) < 0.1  # 6 x 512 tokens: +3.8 % (docs/convert.md)
+    assert figures["q8"]["perplexity_change"] < figures["q4"]["perplexity_change"] < 0.5  # 6 x 512: +24.7 %
+    assert figures["q8"]["rel_l2_error"] < figures["q4"]["rel_l2_error"] < 0.2
+
+
+def test_f16_and_bf16_gguf_exports_generate_the_same_16_tokens(smollm2, tmp_path):
+    _, apr, folder, _ = smollm2
+    figures = quant_export.gguf_export(apr, folder, tmp_path)
+    assert figures["reference_text"].startswith(" Paris")
+    assert figures["bf16"]["same_tokens"] and figures["bf16"]["max_logits_diff"] == 0.0  # lossless
+    assert figures["f16"]["same_tokens"], figures["f16"]["text"]
+    assert figures["bf16"]["types"] == {"BF16": 211, "F32": 61}  # lm_head copy left out: llama.cpp ties
+    assert figures["f16"]["types"] == {"F16": 211, "F32": 61}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -57,7 +58,8 @@ def test_bf16_via_torch_and_via_uint16(tmp_path):
     assert (tmp_path / "a.apr").read_bytes() == (tmp_path / "b.apr").read_bytes()
     with open_apr(tmp_path / "a.apr") as f:
         assert f.info("t").dtype == "bf16"
-        assert f["t"].dtype == np.uint16 and np.array_equal(f["t"], bits)
+        assert f.bits("t").dtype == np.uint16 and np.array_equal(f.bits("t"), bits)
+        assert f["t"].dtype == ml_dtypes.bfloat16 and np.array_equal(f["t"].astype(np.float32), t.float().numpy())
         back = f.torch("t")
         assert back.dtype == torch.bfloat16 and torch.equal(back, t)
         assert np.array_equal(f.to_float32("t"), t.float().numpy())

@@ -122,34 +122,34 @@ MATRIX: dict[str, dict[str, Case]] = {
         "empty folder": Case(("inspect", "{empty_dir}"), "{empty_dir}"),
         "wrong format": Case(("inspect", "{noise}"), "{noise}", words="not an APR file"),
         "broken safetensors": Case(("inspect", "{noise_st}", "--json"), "{noise_st}"),
-        "gguf given": Case(("inspect", "{noise_gguf}"), "{noise_gguf}", words="use `apr convert`"),
-        "unknown flag": Case(("inspect", "{apr}", "--frobnicate"), "apr inspect", words="No such option"),
+        "broken gguf": Case(("inspect", "{noise_gguf}"), "{noise_gguf}", words="GGUF"),
+        "unknown flag": Case(("inspect", "{apr}", "--frobnicate"), "--frobnicate", words="no such option"),
     },
     "tensors": {
         "missing file": Case(("tensors", "{missing}"), "{missing}"),
         "empty folder": Case(("tensors", "{empty_dir}"), "{empty_dir}"),
         "wrong format": Case(("tensors", "{noise}", "--json"), "{noise}"),
-        "filter without pattern": Case(("tensors", "{apr}", "--filter"), "apr tensors", words="requires an argument"),
+        "filter without pattern": Case(("tensors", "{apr}", "--filter"), "--filter", words="needs a value"),
     },
     "validate": {
         "missing file": Case(("validate", "{missing}"), "{missing}"),
-        "folder": Case(("validate", "{empty_dir}"), "{empty_dir}", words="Is a directory"),
+        "folder": Case(("validate", "{empty_dir}"), "{empty_dir}", words="is a folder"),
         "two files": Case(("validate", "{apr}", "{apr}"), "apr validate", words="unexpected extra argument"),
     },
     "convert": {
         "missing source": Case(("convert", "{missing}", "-o", "{out_dir}/m.apr"), "{missing}"),
         "empty folder": Case(("convert", "{empty_dir}", "-o", "{out_dir}/m.apr"), "{empty_dir}"),
-        "apr as source": Case(("convert", "{apr}", "-o", "{out_dir}/m.apr"), "{apr}", words="is an .apr file"),
+        "text as source": Case(("convert", "{text}", "-o", "{out_dir}/m.apr"), "{text}", words="is a text file"),
         "broken safetensors": Case(("convert", "{noise_st}", "-o", "{out_dir}/m.apr"), "{noise_st}"),
         "broken gguf": Case(("convert", "{noise_gguf}", "-o", "{out_dir}/m.apr"), "{noise_gguf}"),
         "output is a folder": Case(("convert", "{hf}", "-o", "{out_dir}"), "{out_dir}", words="is a folder"),
         "output exists": Case(("convert", "{hf}", "-o", "{apr}"), "{apr}", words="--force"),
         "keep-quant on HF": Case(("convert", "{hf}", "-o", "{out_dir}/m.apr", "--keep-quant"), "{hf}",
-                                 words="GGUF input only"),
+                                 words="does not apply to HF input"),
         "config on GGUF": Case(("convert", "{noise_gguf}", "-o", "{out_dir}/m.apr", "--config", "{text}"),
                                "{noise_gguf}", words="does not apply"),
         "bad dtype": Case(("convert", "{hf}", "-o", "{out_dir}/m.apr", "--dtype", "q9"), "apr convert"),
-        "no output": Case(("convert", "{hf}"), "apr convert", words="Missing option"),
+        "no output": Case(("convert", "{hf}"), "-o/--output", words="missing (required)"),
         **writer_faults(lambda out: ("convert", "{hf}", "-o", out), "m.apr"),
     },
     "export": {
@@ -159,8 +159,8 @@ MATRIX: dict[str, dict[str, Case]] = {
         "output exists": Case(("export", "{apr}", "-o", "{hf}"), "{hf}", words="--force"),
         "hf to stdout": Case(("export", "{apr}", "-o", "-", "--format", "hf"), "-", words="stdout"),
         "shard size for one file": Case(("export", "{apr}", "-o", "{out_dir}/m.safetensors", "--max-shard-size",
-                                         "1GB"), "{out_dir}/m.safetensors", words="--max-shard-size"),
-        "json with stdout": Case(("export", "{apr}", "-o", "-", "--json"), "-", words="--json"),
+                                         "1GB"), "--max-shard-size", words="applies to --format hf only"),
+        "json with stdout": Case(("export", "{apr}", "-o", "-", "--json"), "--json", words="needs stdout"),
         "bad shard size": Case(("export", "{apr}", "-o", "{out_dir}/hf", "--max-shard-size", "lots"),
                                "{out_dir}/hf", words="'lots'"),
         **writer_faults(lambda out: ("export", "{apr}", "-o", out), "hf"),
@@ -171,7 +171,7 @@ MATRIX: dict[str, dict[str, Case]] = {
         "missing second": Case(("diff", "{apr}", "{missing}"), "{missing}"),
         "empty folder": Case(("diff", "{apr}", "{empty_dir}"), "{empty_dir}"),
         "wrong format": Case(("diff", "{noise}", "{apr}", "--json"), "{noise}"),
-        "one argument": Case(("diff", "{apr}"), "apr diff", words="Missing argument"),
+        "one argument": Case(("diff", "{apr}"), "B", words="missing (required)"),
     },
     "pretrain": {
         "missing init": Case(("pretrain", "--init", "{missing}", "--data", "{tokens}", "--out", "{out_dir}/run",
@@ -189,42 +189,67 @@ MATRIX: dict[str, dict[str, Case]] = {
         "resume with init": Case(("pretrain", "--resume", "{empty_dir}", "--init", "{apr}", *TRAIN), "{empty_dir}"),
         "resume nothing": Case(("pretrain", "--resume", "{empty_dir}", *TRAIN), "{empty_dir}",
                                words="no complete checkpoint"),
-        "no data": Case(("pretrain", "--arch", "tiny", "--out", "{out_dir}/run"), "apr pretrain", words="--data"),
+        "no data": Case(("pretrain", "--arch", "tiny", "--out", "{out_dir}/run"), "--data", words="missing"),
         "negative steps": Case(("pretrain", "--arch", "tiny", "--data", "{tokens}", "--out", "{out_dir}/run",
                                 "--steps", "-1", "-q"), "--steps", outputs=("{out_dir}/run",)),
         # A missing run folder is created (with its parents, like mkdir -p): not a fault.
         **{k: v for k, v in writer_faults(lambda out: ("pretrain", "--arch", "tiny", "--data", "{tokens}", "--out",
                                                        out, *TRAIN), "run").items() if k != "output folder missing"},
     },
-    "tokenize": {
-        "missing input": Case(("tokenize", "{missing}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
-                              "{missing}"),
-        "empty folder": Case(("tokenize", "{empty_dir}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
-                             "{empty_dir}"),
-        "binary input": Case(("tokenize", "{noise}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
-                             "{noise}"),
-        "broken tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{noise_json}"),
+    "eval": {
+        "missing model": Case(("eval", "{missing}", "--data", "{corpus}"), "{missing}"),
+        "missing data": Case(("eval", "{apr}", "--data", "{missing}"), "{missing}"),
+        "binary model": Case(("eval", "{noise}", "--data", "{corpus}"), "{noise}"),
+        "broken gguf": Case(("eval", "{noise_gguf}", "--data", "{corpus}"), "{noise_gguf}"),
+        "broken tokenizer": Case(("eval", "{apr}", "--data", "{corpus}", "--tokenizer", "{noise_json}"),
                                  "{noise_json}"),
-        "missing tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{missing}"),
+        "malformed model id": Case(("eval", "hf://x", "--data", "{corpus}"), "hf://x", words="not a model id"),
+    },
+    "run": {
+        "missing model": Case(("run", "{missing}", "-p", "hi"), "{missing}"),
+        "binary model": Case(("run", "{noise}", "-p", "hi"), "{noise}"),
+        "broken safetensors": Case(("run", "{noise_st}", "-p", "hi"), "{noise_st}"),
+        "missing tokenizer": Case(("run", "{apr}", "-p", "hi", "--tokenizer", "{missing}"), "{missing}"),
+        "no tokens asked": Case(("run", "{apr}", "-p", "hi", "-n", "0"), "-n", words="at least 1"),
+    },
+    "tokenize": {
+        "missing input": Case(("tokenize", "{missing}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
+                              "{missing}"),
+        "empty folder": Case(("tokenize", "{empty_dir}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
+                             "{empty_dir}"),
+        "binary input": Case(("tokenize", "{noise}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
+                             "{noise}"),
+        "broken tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{noise_json}"),
+                                 "{noise_json}"),
+        "missing tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{missing}"),
                                   "{missing}"),
-        "both tokenizers": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}",
+        "both tokenizers": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}",
                                  "--from", "{apr}"), "--tokenizer", words="exactly one"),
-        "no tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin"), "--tokenizer", words="exactly one"),
-        "output exists": Case(("tokenize", "{corpus}", "-o", "{tokens}", "--tokenizer", "{tokenizer}"), "{tokens}",
+        "no tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t"), "--tokenizer", words="exactly one"),
+        "output exists": Case(("tokenize", "{corpus}", "-o", "{hf}", "--tokenizer", "{tokenizer}"), "{hf}",
                               words="--force"),
-        **writer_faults(lambda out: ("tokenize", "{corpus}", "-o", out, "--tokenizer", "{tokenizer}"), "t.bin"),
+        "output is a token file": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
+                                       "{out_dir}/t.bin", words="writes a folder of shards"),
+        "bad shard size": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}",
+                                "--shard-tokens", "lots"), "--shard-tokens", words="expected a count like 100M"),
+        # A missing output folder is created (with its parents, like mkdir -p): not a fault.
+        **{k: v for k, v in writer_faults(lambda out: ("tokenize", "{corpus}", "-o", out, "--tokenizer", "{tokenizer}",
+                                                       "-q"), "t").items() if k != "output folder missing"},
     },
     "contract": {
         "missing file": Case(("contract", "check", "{missing}"), "apr contract check", words="does not exist"),
         "folder": Case(("contract", "check", "{empty_dir}"), "apr contract check", words="is a directory"),
         "binary file": Case(("contract", "check", "{noise_yaml}"), "{noise_yaml}"),
-        "unknown subcommand": Case(("contract", "frobnicate"), "apr contract", words="No such command"),
+        "unknown subcommand": Case(("contract", "frobnicate"), "frobnicate", words="no such command"),
     },
 }
 # `apr train` is an alias of `apr pretrain` (same callback): a few of its faults show the alias answers alike.
 MATRIX["train"] = {name: Case(("train", *case.args[1:]), case.names.replace("apr pretrain", "apr train"),
                               case.code, case.outputs, case.words) for name, case in MATRIX["pretrain"].items()
                    if name in ("missing data", "init with arch", "no data", "output folder read-only")}
+# `apr import` is aprender's name for `apr convert` (same callback): its missing-input fault answers alike.
+MATRIX["import"] = {name: Case(("import", *case.args[1:]), case.names, case.code, case.outputs, case.words)
+                    for name, case in MATRIX["convert"].items() if "missing" in name}
 CASES = [(command, fault) for command in sorted(MATRIX) for fault in MATRIX[command]]
 
 
@@ -252,7 +277,10 @@ def test_bad_input_gives_one_line_and_exit_code(command, fault, files):
 def test_stdout_on_a_full_disk(command, files):
     """Output that cannot be written (stdout on a full disk) is an error too: exit 2, one line."""
     args = {"inspect": ("{apr}",), "tensors": ("{apr}",), "validate": ("{apr}",), "diff": ("{apr}", "{hf}"),
-            "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-")}[command]
+            "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-"),
+            "import": ("{hf}", "-o", "{out_dir}/m.apr", "--json"),
+            "eval": ("{apr}", "--data", "{corpus}", "--seq-len", "32", "--max-tokens", "64"),
+            "run": ("{apr}", "-p", "hi", "-n", "2")}[command]
     with open("/dev/full", "wb") as full:
         proc = subprocess.run([*APR_COMMAND, command, *(files.fill(a) for a in args)], stdout=full,
                               stderr=subprocess.PIPE, env=apr_env(), text=True, check=False)

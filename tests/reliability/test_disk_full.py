@@ -67,8 +67,13 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (root / "old-hf" / "config.json").write_text("{}\n")
     write_token_file(root / "tokens.bin", [np.random.default_rng(0).integers(0, 512, 20_000)], 512)
     write_token_file(root / "old-tokens.bin", [np.arange(100)], 512)
+    (root / "old.txt").write_text("An old, short corpus.\n")
+    (root / "corpus.txt").write_text((FIXTURES / "tiny-corpus.txt").read_text() * 5)  # tokens over 64 KiB
+    assert run_apr("tokenize", root / "old.txt", "-o", root / "old-run", "--tokenizer",
+                   FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", "-q").returncode == 0
     return {"root": root, "model": model, "old": root / "old.apr", "old_hf": root / "old-hf",
-            "tokens": root / "tokens.bin", "old_tokens": root / "old-tokens.bin"}
+            "tokens": root / "tokens.bin", "old_tokens": root / "old-tokens.bin", "old_run": root / "old-run",
+            "corpus": root / "corpus.txt"}
 
 
 def check_failed_write(proc, dest: Path, old: str | None, folder: Path) -> None:
@@ -84,8 +89,8 @@ WRITES = {
     "convert": (lambda i, d: ["convert", FIXTURES / "tiny-qwen2-hf", "-o", d, "--force", "-q"], "m.apr", "old", 64),
     "export folder": (lambda i, d: ["export", i["model"], "-o", d, "--force", "-q"], "hf", "old_hf", 64),
     "export file": (lambda i, d: ["export", i["model"], "-o", d, "--force", "-q"], "m.safetensors", "old", 64),
-    "tokenize": (lambda i, d: ["tokenize", FIXTURES / "tiny-corpus.txt", "-o", d, "--force", "--tokenizer",
-                               FIXTURES / "tiny-qwen2-hf" / "tokenizer.json"], "t.bin", None, 8),
+    "tokenize": (lambda i, d: ["tokenize", i["corpus"], "-o", d, "--force", "--tokenizer",
+                               FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", "-q"], "t", "old_run", 64),
 }
 
 

@@ -14,7 +14,7 @@ from apr_format.errors import CorruptSource, InvalidArgument
 from apr_testing import apr_from_hf, build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
 from apr_trainer import checkpoint
 from apr_trainer.config import TrainConfig
-from apr_trainer.data import write_token_file
+from apr_trainer.data import open_token_file, write_token_file
 from apr_trainer.presets import preset
 from apr_trainer.train import train
 
@@ -66,6 +66,26 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(workdir, uninterrupted):
     with open_apr(uninterrupted / "final.apr") as f, open_apr(broken / "final.apr") as g:
         assert f.keys() == g.keys()
         assert all(np.array_equal(f[name], g[name]) for name in f.keys())
+
+
+def test_shards_smaller_than_a_batch_train_and_resume_like_one_file(workdir, uninterrupted):
+    """207 shards of 97 tokens (a batch is 8 x 33): the same windows, so the same curve, also after --resume."""
+    tokens, _ = open_token_file(workdir / "tokens.bin")
+    shards = workdir / "shards"
+    shards.mkdir()
+    for k, start in enumerate(range(0, len(tokens), 97)):
+        write_token_file(shards / f"part-{k:05d}.bin", [tokens[start : start + 97]], 300)
+    run = workdir / "sharded"
+    run_apr("pretrain", "--init", workdir / "model.apr", "--data", shards, "--out", run,
+            "--steps", "12", "--save-every", "6", *FLAGS, check=True)
+    broken = _interrupt_after(run, workdir / "sharded-broken", 6)
+    run_apr("pretrain", "--resume", broken, check=True)
+    for got in (read_metrics(run), read_metrics(broken)):
+        for a, b in zip(read_metrics(uninterrupted), got, strict=True):
+            for key in ("loss", "val_loss"):
+                assert (a.get(key) is None) == (b.get(key) is None)
+                if a.get(key) is not None:
+                    assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
 
 
 def test_resume_keeps_exact_weights_behind_a_bf16_checkpoint(workdir, tmp_path):
