@@ -75,8 +75,8 @@ def _default(name: str) -> dict:
 @click.option("--check-only", "check_only", is_flag=True, default=None,
               help="Load and check architecture, weights, tokenizer and data, then exit.")
 @click.option("--max-skipped-steps", "max_skipped_steps", type=int,
-              help=f"Stop after this many consecutive steps skipped for a NaN/Inf loss or gradient norm "
-                   f"{_d('max_skipped_steps')}.")
+              help="Stop after this many consecutive steps skipped for a NaN/Inf loss or gradient norm.",
+              **_default("max_skipped_steps"))
 @click.option("--keep-last", "keep_last", type=int,
               help="Keep only the newest N intermediate checkpoints (default: all; final.apr is always kept).")
 @click.option("--force", is_flag=True, default=None,
