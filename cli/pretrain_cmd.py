@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
+import signal
+import sys
 
 import click
 from click.core import ParameterSource
 
 from apr_trainer.config import TrainConfig, resume_config
 from apr_trainer.distributed import is_main_process
+from apr_trainer.guards import SaveAborted
+from apr_trainer.runlog import TrainSummary
 from apr_trainer.train import train
 
 from apr_format.errors import InvalidArgument
@@ -78,17 +84,31 @@ def _default(name: str) -> dict:
               **_default("log_every"))
 @click.option("--check-only", "check_only", is_flag=True, default=None,
               help="Load and check architecture, weights, tokenizer and data, then exit.")
+@click.option("--max-skipped-steps", "max_skipped_steps", type=int,
+              help="Stop after this many consecutive steps skipped for a NaN/Inf loss or gradient norm.",
+              **_default("max_skipped_steps"))
+@click.option("--keep-last", "keep_last", type=int,
+              help="Keep only the newest N intermediate checkpoints (default: all; final.apr is always kept).")
+@click.option("--force", is_flag=True, default=None,
+              help="Replace a run (with checkpoints) already in --out instead of refusing.")
+@click.option("--strict", is_flag=True, default=None,
+              help="Refuse, instead of warning about, a tokenizer that is not the one in the --init file.")
+@click.option("--tensorboard", is_flag=True, default=None,
+              help="Also write TensorBoard event files beside metrics.jsonl (extra: pip install "
+                   "'apr-toolkit[tensorboard]').")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="No log lines on stderr (errors still show).")
 @click.pass_context
 def pretrain_cmd(ctx: click.Context, as_json: bool, quiet: bool, **options) -> None:
     """Train a decoder LM and write .apr checkpoints; run under `torchrun --nproc_per_node N` for DDP or FSDP.
 
-    Metrics go to RUN_DIR/metrics.jsonl (one JSON object per step); logs to stderr.
+    Metrics go to RUN_DIR/metrics.jsonl (one JSON object per step); logs to stderr. SIGTERM, SIGINT
+    or SIGUSR1 stop after the current step with a checkpoint (exit 128+signal, with the --resume
+    command); a second signal during that save aborts it.
 
-    \b
+    
     Examples:
-      apr pretrain --init model.apr --data docs/ -o run --steps 1000
+      apr pretrain --init model.apr --data docs/ -o run --steps 1000 --keep-last 2
       apr pretrain --resume run
       torchrun --nproc_per_node 2 -m apr_cli.main pretrain --init model.apr --data tokens.bin -o run
       torchrun --nproc_per_node 8 $(which apr) pretrain --init qwen7b.apr --data corpus-tok -o run \\
@@ -104,6 +124,43 @@ def pretrain_cmd(ctx: click.Context, as_json: bool, quiet: bool, **options) -> N
         config = TrainConfig(**given)
     main_rank = is_main_process()
     log = (lambda line: None) if quiet or not main_rank else (lambda line: click.echo(escape(line), err=True))
-    summary = train(config, log)
-    if as_json and main_rank:
+    try:
+        summary = train(config, log)
+    except SaveAborted as abort:
+        click.echo(f"apr: error: {escape(abort.message)}", err=True)
+        sys.exit(128 + abort.signum)
+    if main_rank and summary.stopped_by is not None:
+        click.echo(escape(stop_line(summary)), err=True)  # shown even with -q: it says how to continue
+    elif as_json and main_rank:
         echo_json(dataclasses.asdict(summary))
+    elif main_rank and not quiet and summary.run_dir is not None:
+        for line in summary_table(summary):
+            click.echo(escape(line), err=True)
+    if summary.stopped_by is not None:
+        sys.exit(128 + int(signal.Signals[summary.stopped_by]))
+
+
+def stop_line(summary: TrainSummary) -> str:
+    """The one line a stopped run ends with: where its checkpoint is and how to continue it."""
+    run_dir = shlex.quote(os.path.abspath(summary.run_dir or "."))
+    command = f"apr pretrain --resume {run_dir}"
+    if summary.world_size > 1:
+        command = f"the same torchrun command with: pretrain --resume {run_dir}"
+    if summary.checkpoint is None:
+        return (f"apr: stopped by {summary.stopped_by} before any step: nothing to save; start again with the "
+                "same command (the run folder holds no checkpoint and is reused)")
+    return (f"apr: stopped by {summary.stopped_by} at step {summary.end_step}: checkpoint {os.path.abspath(summary.checkpoint)}; "
+            f"continue with: {command}")
+
+
+def summary_table(summary: TrainSummary) -> list[str]:
+    """The run summary as the lines of a two-column table."""
+    def loss(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [("steps", f"{summary.start_step} -> {summary.end_step}"), ("tokens", f"{summary.tokens_seen:,}"),
+            ("val loss", f"{loss(summary.start_val_loss)} -> {loss(summary.final_val_loss)}"),
+            ("tokens/s", "-" if summary.tokens_per_s is None else f"{summary.tokens_per_s:,.0f}"),
+            ("skipped steps", str(summary.skipped_steps)), ("final", summary.final or "-")]
+    width = max(len(name) for name, _ in rows)
+    return ["run summary:", *(f"  {name:<{width}}  {value}" for name, value in rows)]

@@ -163,17 +163,25 @@ def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None =
     return out
 
 
+def torchrun_command(*args: str | os.PathLike, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m apr_cli.main ...` (the same command users run)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "apr_cli.main", *map(str, args)]
+
+
 def torchrun(*args: str | os.PathLike, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N -m apr_cli.main ...` (the same command users run), as text."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "apr_cli.main", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=apr_env(), timeout=timeout, check=False)
+    """Run `torchrun_command(...)` to the end, output captured as text."""
+    return subprocess.run(torchrun_command(*args, nproc=nproc), capture_output=True, text=True, env=apr_env(),
+                          timeout=timeout, check=False)
 
 
-def popen_apr(*args: str | os.PathLike, cwd: Path | None = None) -> subprocess.Popen:
-    """Start `apr ARGS` without waiting (for the kill tests); output is discarded."""
-    return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=apr_env(), cwd=cwd)
+def popen_apr(*args: str | os.PathLike, cwd: Path | None = None, capture: bool = False,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `apr ARGS` without waiting (for the kill tests); output is discarded unless `capture`
+    (then text pipes: read them with `communicate()`). `env`: extra environment variables."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=out, stderr=out, env={**apr_env(), **(env or {})},
+                            cwd=cwd, text=capture)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

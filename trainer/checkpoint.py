@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+from datetime import datetime, timezone
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from apr_format.atomic import link_into_place, replacing
 from apr_format.constants import DTYPE_BY_NAME
 from apr_format.errors import CorruptSource, InvalidArgument
 
-from . import distributed
+from . import distributed, guards
 from .optim import schedule_record
 from .state_file import TensorFile, write_tensors
 from .tokenization import HF_FILES_KEY, TOKENIZER_KEY, carried_tokenizer_text
@@ -41,6 +42,7 @@ STATE_FORMAT = "apr-train-state"
 STATE_VERSION = 1
 SAMPLER = "seeded-windows-v1"  # windows of step s come from SeedSequence([seed, s]) (data.TokenDataset)
 MASTER_PREFIX = "master."  # fp32 master weights in the state file, when the .apr holds rounded ones
+LINEAGE_KEYS = ("source", "original_format", "created_at")  # of the input: under training.lineage in checkpoints
 _STEP_FILE = re.compile(r"^step-(\d+)\.apr$")
 # aprender's runtime looks up lm_head.weight first (spec: "Tied embeddings").
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -157,14 +159,23 @@ def resolve_resume(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(2, "No such file or directory", os.fspath(root))
     if root.is_file():
         return root
+    found = complete_checkpoints(root)
+    if not found:
+        raise InvalidArgument(
+            root, f"no complete checkpoint (step-*.apr with {STATE_JSON}) under {CHECKPOINT_DIR}/: nothing to "
+            "resume; run the same command without --resume, with --out this folder, to start it again",
+        )
+    return found[-1][1]
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint (its .state.json written) in RUN_DIR/checkpoints, oldest first."""
     found = []
-    for candidate in (root / CHECKPOINT_DIR).glob("step-*.apr"):
+    for candidate in (Path(run_dir) / CHECKPOINT_DIR).glob("step-*.apr"):
         match = _STEP_FILE.match(candidate.name)
         if match and state_paths(candidate)[0].exists():
             found.append((int(match.group(1)), candidate))
-    if not found:
-        raise InvalidArgument(root, f"no complete checkpoint (step-*.apr with {STATE_JSON}) under {CHECKPOINT_DIR}/")
-    return max(found)[1]
+    return sorted(found)
 
 
 def run_dir_of(ckpt: str | os.PathLike) -> Path:
@@ -295,10 +306,11 @@ class Checkpointer:
                 self.log(f"replicas: all {len(self.replicas)} ranks hold identical weights "
                          f"(sha256 {self.replicas[0][:16]}...)")
         params = dict(self.par.module.named_parameters())
+        path = checkpoint_path(self.run_dir, state.step)
+        guards.refuse_nonfinite(self.ctx, params.items(), DTYPE_BY_NAME[self.precision.save].to_torch(), path)
         tensors = {**optimizer_tensors(self.optimizer, self.names), **rng_tensors(self.ctx.device)}
         if self.precision.saves_rounded:  # the .apr holds rounded weights; resuming needs the exact ones
             tensors.update({MASTER_PREFIX + name: p for name, p in params.items()})
-        path = checkpoint_path(self.run_dir, state.step)
         write = partial(self._write, path, state, params, tensors, self.replicas if last else None)
         distributed.gather_on_main(self.ctx, {**params, **tensors}, self.par.gather, write)
         return path
@@ -313,15 +325,15 @@ class Checkpointer:
         val = state.val_loss if state.val_step == state.step else None
         config, save = self.config, self.precision.save
         training = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
-                    "init": config.init, "architecture_source": self.source.label, "seed": config.seed}
+                    "skipped_steps": state.skipped_steps, "seed": config.seed, "lineage": self._lineage()}
         meta = self._metadata(training)
         save_weights(path, params, meta, dtype=save, tied=self.source.arch.tie_word_embeddings,
                      flags=flags_for(meta), fetch=fetch)
         split = self.dataset.split
         scalars = {
             "step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
-            "config": dict(self.config_record), "save_dtype": save, "world_size": self.ctx.world_size,
-            "strategy": self.par.strategy, "precision": self.precision.name,
+            "skipped_steps": state.skipped_steps, "config": dict(self.config_record), "save_dtype": save,
+            "world_size": self.ctx.world_size, "strategy": self.par.strategy, "precision": self.precision.name,
             "schedule": schedule_record(config, state.step),
             "data": {"source": self.dataset.stream.source, "num_tokens": len(self.dataset.stream),
                      "n_train": split.n_train, "n_val": split.n_val, "sampler": SAMPLER, "next_step": state.step},
@@ -329,13 +341,29 @@ class Checkpointer:
         }
         save_state(path, scalars, tensors, fetch=fetch)
 
+    def _lineage(self) -> dict[str, Any]:
+        """Where the weights came from (absolute paths): the --init file and what it was made from, or
+        the architecture of a random init; a resumed run keeps its checkpoint's lineage."""
+        inherited = self.source.metadata
+        earlier = inherited.get("training") if isinstance(inherited.get("training"), dict) else {}
+        if self.config.resume and isinstance(earlier.get("lineage"), dict):
+            return earlier["lineage"]
+        if self.source.weights is None:
+            return {"init": None, "architecture": self.source.label}
+        lineage = {"init": os.path.abspath(self.source.weights), "init_step": earlier.get("step")}
+        lineage.update({f"init_{key}": inherited.get(key) for key in LINEAGE_KEYS})
+        return lineage
+
     def _metadata(self, training: dict[str, Any]) -> dict[str, Any]:
         """The input's metadata (tokenizer keys included) plus `training`; one spelling of the tie flag.
 
         aprender writes `tied_embeddings` (spec: "Tied embeddings"); the HF spelling is dropped so
-        the file never carries both.
+        the file never carries both. The checkpoint gets its own `created_at`; the input's
+        `source`, `original_format` and `created_at` move under `training.lineage`.
         """
-        meta = {k: v for k, v in self.source.metadata.items() if k not in ("training", "tie_word_embeddings")}
+        dropped = ("training", "tie_word_embeddings", *LINEAGE_KEYS)
+        meta = {k: v for k, v in self.source.metadata.items() if k not in dropped}
+        meta["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         meta["tied_embeddings"] = self.source.arch.tie_word_embeddings
         if self.config.tokenizer is not None and carried_tokenizer_text(meta) is None:
             files = dict(meta.get(HF_FILES_KEY) or {})

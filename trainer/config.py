@@ -71,6 +71,11 @@ class TrainConfig:
     dtype: str = _setting("auto")  # of the saved weights: auto = the --init file's (f32 for random init)
     log_every: int = _setting(10)
     check_only: bool = _setting(False)  # load and check everything, then stop before the first step
+    max_skipped_steps: int = _setting(5)  # consecutive non-finite steps (skipped) before the run stops
+    keep_last: int | None = _setting()  # intermediate checkpoints kept (None: all; final.apr always)
+    force: bool = _setting(False)  # a new run replaces a run (with checkpoints) in --out
+    strict: bool = _setting(False)  # refuse, instead of warning about, a tokenizer that is not --init's
+    tensorboard: bool = _setting(False)  # TensorBoard event files beside metrics.jsonl
 
 
 def _flag(name: str) -> str:
@@ -96,7 +101,9 @@ def validate_config(config: TrainConfig) -> None:
     if config.out_dir is None and not config.resume:
         raise InvalidArgument(None, "is required (the run folder)", flag="--out")
     positive = {"--batch-size": config.batch_size, "--seq-len": config.seq_len, "--grad-accum": config.grad_accum,
-                "--val-batches": config.val_batches, "--log-every": config.log_every}
+                "--val-batches": config.val_batches, "--log-every": config.log_every,
+                "--max-skipped-steps": config.max_skipped_steps,
+                "--keep-last": 1 if config.keep_last is None else config.keep_last}
     non_negative = {"--steps": config.steps, "--warmup": config.warmup, "--val-every": config.val_every,
                     "--save-every": config.save_every, "--grad-clip": config.grad_clip,
                     "--weight-decay": config.weight_decay}
@@ -110,6 +117,9 @@ def validate_config(config: TrainConfig) -> None:
         raise InvalidArgument(None, f"must be > 0, got {config.lr}", flag="--lr")
     if not 0.0 <= config.min_lr_ratio <= 1.0:
         raise InvalidArgument(None, f"must be in [0, 1], got {config.min_lr_ratio}", flag="--min-lr-ratio")
+    if config.force and config.resume:
+        raise InvalidArgument(None, "cannot be combined with --resume: --force starts a new run over the old one",
+                              flag="--force")
     if config.dtype not in SAVE_DTYPES:
         raise InvalidArgument(None, f"unknown {config.dtype!r} (choose {', '.join(SAVE_DTYPES)})", flag="--dtype")
     for flag, value, allowed in (("--strategy", config.strategy, STRATEGIES),

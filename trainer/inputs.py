@@ -54,7 +54,7 @@ def model_source(config: TrainConfig, resume_ckpt: Path | None) -> ModelSource:
     """The resumed checkpoint, the --init file, the --arch-config file or a preset, in that order."""
     if resume_ckpt is not None:
         with open_apr(resume_ckpt) as f:
-            meta = {k: v for k, v in f.metadata.items() if k != "training"}
+            meta = dict(f.metadata)  # its `training` carries the run's lineage on
         exact = _exact_vocab(config)
         return ModelSource(read_architecture(resume_ckpt), os.fspath(resume_ckpt), meta, os.fspath(resume_ckpt), exact)
     if config.init is not None:
@@ -98,12 +98,7 @@ def load_data(config: TrainConfig, source: ModelSource) -> tuple[TokenDataset, l
     max_id = stream.max_id()
     check_vocab(rows, where=source.label, declared=declared, max_id=max_id, exact=source.exact_vocab)
     notes = [*stream.notes, _data_note(stream, max_id, rows, loaded[0] if loaded else None)]
-    carried = carried_tokenizer_text(source.metadata)
-    made_with = stream.info.tokenizer_sha256 if stream.info else None
-    if made_with and carried is not None and made_with != _sha256(carried):
-        notes.append(
-            f"warning: {stream.source} was tokenized with a different tokenizer than the one in {source.label}"
-        )
+    notes += _tokenizer_mismatches(config, source, stream, loaded[0] if config.tokenizer is not None else None)
     source.arch.check_sequence_length(config.seq_len, flag="--seq-len")
     dataset = TokenDataset(stream, config.seq_len, config.val_fraction)
     split = dataset.split
@@ -113,6 +108,34 @@ def load_data(config: TrainConfig, source: ModelSource) -> tuple[TokenDataset, l
         notes.append(f"warning: --seq-len {config.seq_len} exceeds max_position_embeddings "
                      f"{source.arch.max_position_embeddings} of the architecture")
     return dataset, notes
+
+
+def _tokenizer_mismatches(config: TrainConfig, source: ModelSource, stream: TokenStream,
+                          given: TokenizerInfo | None) -> list[str]:
+    """Warnings for a tokenizer that is not the one carried in the weights' file (--tokenizer, or the
+    one a .bin was made with); --strict refuses instead.
+
+    Raises:
+        InvalidArgument: under --strict, naming the flag or file that disagrees.
+    """
+    carried = carried_tokenizer_text(source.metadata)
+    if source.weights is None:
+        return []
+    if carried is None:
+        return [f"note: {source.label} carries no tokenizer, so the tokenizer of the data cannot be checked "
+                "against the model's"] if given is not None else []
+    found = []
+    if given is not None and given.sha256 != _sha256(carried):
+        found.append((None, f"{given.source} is not the tokenizer carried in {source.label}: "
+                                     "its ids may mean other tokens to this model"))
+    made_with = stream.info.tokenizer_sha256 if stream.info else None
+    if made_with and made_with != _sha256(carried):
+        found.append((stream.source, f"was tokenized with a different tokenizer than the one in {source.label}"))
+    if found and config.strict:
+        where, problem = found[0]
+        flag = "--tokenizer" if where is None else None
+        raise InvalidArgument(where, f"{problem} (--strict; drop --strict to train anyway)", flag=flag)
+    return [f"warning: {where or '--tokenizer'}: {problem} (--strict refuses this)" for where, problem in found]
 
 
 def _data_note(stream: TokenStream, max_id: int, rows: int, tok: TokenizerInfo | None) -> str:

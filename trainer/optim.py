@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 SCHEDULE = "linear-warmup-cosine"
+WARMUP_CAP = 0.1  # a --warmup that would not end before the last step is cut to this share of --steps
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -47,3 +49,14 @@ def schedule_record(config: TrainConfig, next_step: int) -> dict[str, Any]:
     """The schedule as saved in a checkpoint's training state."""
     return {"kind": SCHEDULE, "lr": config.lr, "warmup": config.warmup, "steps": config.steps,
             "min_lr_ratio": config.min_lr_ratio, "next_lr": lr_at(next_step, config)}
+
+
+def capped_warmup(config: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """`config` with a warmup that ends before the last step (else the peak lr is never reached),
+    and the warning that says so (None when nothing changed)."""
+    if config.steps == 0 or config.warmup <= config.steps:  # equal: the peak comes at the last step
+        return config, None
+    warmup = int(config.steps * WARMUP_CAP)
+    note = (f"warning: --warmup {config.warmup} would not end within --steps {config.steps}, so the peak --lr "
+            f"{config.lr:g} would never be reached: warming up over {warmup} steps ({WARMUP_CAP:.0%} of the run)")
+    return dataclasses.replace(config, warmup=warmup), note

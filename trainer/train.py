@@ -12,10 +12,11 @@ from apr_format.errors import InvalidArgument
 from . import checkpoint, distributed, inputs, parallel
 from .config import TrainConfig, config_record, resume_drift, validate_config
 from .distributed import DistContext
+from .guards import NonFiniteGuard, StopSignal
 from .loop import Trainer, TrainState
-from .optim import build_optimizer
+from .optim import build_optimizer, capped_warmup
 from .precision import Precision
-from .runlog import RunLog, TrainSummary, refuse_existing_run
+from .runlog import RunLog, TrainSummary, check_run_dir, require_tensorboard
 
 Log = Callable[[str], None]
 
@@ -28,17 +29,20 @@ def train(config: TrainConfig, log: Log = _quiet) -> TrainSummary:
     """Run (or resume) training as `config` says; under torchrun every rank calls this.
 
     Only rank 0 logs (through `log`) and writes files. Raises AprError subclasses for bad
-    input; with --init there is no path that trains from random weights.
+    input; with --init there is no path that trains from random weights. SIGTERM, SIGINT and
+    SIGUSR1 stop the run after the current step with a checkpoint (`TrainSummary.stopped_by`);
+    a second signal during that save raises `guards.SaveAborted`.
     """
     validate_config(config)
     ctx = distributed.setup(config.device, group_of_one=config.strategy == "fsdp")
     try:
-        return _train(config, ctx, log if ctx.is_main else _quiet)
+        with StopSignal().installed() as stop:
+            return _train(config, ctx, log if ctx.is_main else _quiet, stop)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(config: TrainConfig, ctx: DistContext, log: Log) -> TrainSummary:
+def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) -> TrainSummary:
     if config.batch_size % ctx.world_size:
         raise InvalidArgument(
             None,
@@ -46,19 +50,23 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log) -> TrainSummary:
             flag="--batch-size",
         )
     resume_ckpt = checkpoint.resolve_resume(config.resume) if config.resume else None
+    run_dir = Path(config.out_dir) if config.out_dir else checkpoint.run_dir_of(resume_ckpt)
+    check_run_dir(run_dir, resuming=resume_ckpt is not None, force=config.force)
+    if config.tensorboard:
+        require_tensorboard()
+    warmup_note = None
+    if resume_ckpt is None:
+        config, warmup_note = capped_warmup(config)
     scalars = checkpoint.load_scalars(resume_ckpt) if resume_ckpt else {}
     saved = checkpoint.open_state(resume_ckpt) if resume_ckpt else {}
     source = inputs.model_source(config, resume_ckpt)
-    run_dir = Path(config.out_dir) if config.out_dir else checkpoint.run_dir_of(resume_ckpt)
-    if resume_ckpt is None and not config.check_only:
-        refuse_existing_run(run_dir)
     arch = source.arch
     log(source.describe())
     log(f"parameters: {arch.param_count():,}")
     dataset, data_notes = inputs.load_data(config, source)
     weights = inputs.build_model(config, source, saved, log)
     log(f"weights: {weights.note}")
-    for note in data_notes:
+    for note in data_notes + ([warmup_note] if warmup_note else []):
         log(note)
     start_step = int(scalars.get("step", 0))
     for warning in resume_drift(scalars, config, len(dataset.stream)):
@@ -94,12 +102,12 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log) -> TrainSummary:
         checkpointer.restore(saved)
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     state = TrainState(step=start_step, tokens_seen=int(scalars.get("tokens_seen", start_step * tokens_per_step)),
-                       loss=scalars.get("loss"))
-    runlog = RunLog(run_dir, ctx, log, config.steps, config.log_every)
+                       loss=scalars.get("loss"), skipped_steps=int(scalars.get("skipped_steps", 0)))
+    runlog = RunLog(run_dir, ctx, log, config.steps, config.log_every, config.keep_last, config.tensorboard)
     runlog.open(start_step, record)
     try:
         trainer = Trainer(config, ctx, dataset, par, optimizer, precision, checkpointer, runlog, state,
-                          source.start_label)
+                          source.start_label, stop, NonFiniteGuard(config.max_skipped_steps), resume_ckpt)
         return TrainSummary(**{**summary, **trainer.run()})
     finally:
         runlog.close()

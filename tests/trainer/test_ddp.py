@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from apr_format import open_apr, save_apr
-from apr_testing import learnable_tokens, read_metrics, run_apr, torchrun
+from apr_testing import apr_env, learnable_tokens, read_metrics, run_apr, torchrun, torchrun_command
 from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
 from apr_trainer.presets import preset
@@ -61,3 +64,36 @@ def test_batch_that_does_not_split_over_ranks_is_refused(inputs, tmp_path):
     assert proc.returncode != 0
     assert "--batch-size: 3 sequences per micro-step cannot be split evenly over 2 processes" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank_and_resume_continues_exactly(inputs, tmp_path):
+    """torchrun forwards SIGTERM to its workers: they agree to stop after the same step and write one complete
+    checkpoint (each worker exits 143; torchrun itself exits 1 on its SignalException); `--resume` under
+    torchrun gives the uninterrupted 2-process curve exactly."""
+    data = ["--init", inputs / "model.apr", "--data", inputs / "tokens.bin", *FLAGS, "--steps", "40",
+            "--save-every", "4", "--val-every", "4"]
+    assert torchrun("pretrain", *data, "--out", tmp_path / "reference").returncode == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun_command("pretrain", *data, "--out", run), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=apr_env())
+    first = run / "checkpoints" / "step-000004.state.json"
+    while not first.exists() and proc.poll() is None:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)  # to the torchrun agent, which forwards it to both workers
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0, stderr[-3000:]  # torchrun itself ends on its SignalException (exit 1)
+    stopped_at = read_metrics(run)[-1]["step"]
+    assert 4 <= stopped_at < 40 and not (run / "final.apr").exists()
+    assert f"apr: stopped by SIGTERM at step {stopped_at}" in stderr, stderr[-3000:]
+    assert "pretrain --resume" in stderr
+    state = json.loads((run / "checkpoints" / f"step-{stopped_at:06d}.state.json").read_text())
+    assert state["step"] == stopped_at and state["world_size"] == 2
+    resumed = torchrun("pretrain", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = read_metrics(tmp_path / "reference"), read_metrics(run)
+    assert [r["step"] for r in got] == list(range(41))
+    for a, b in zip(expected, got, strict=True):
+        for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_seen", "skipped_steps"):
+            assert a.get(key) == b.get(key), (a["step"], key)  # bit-identical: same layout, same order of sums
+    with open_apr(tmp_path / "reference" / "final.apr") as f, open_apr(run / "final.apr") as g:
+        assert all(np.array_equal(f[n], g[n]) for n in f.keys())

@@ -120,7 +120,7 @@ def test_resume_refuses_init_and_arch(workdir, uninterrupted):
 
 def test_init_from_a_checkpoint_is_weights_only(workdir, uninterrupted, tmp_path):
     proc = run_apr("pretrain", "--init", uninterrupted / "final.apr", "--data", workdir / "tokens.bin",
-                   "--out", tmp_path / "next", "--steps", "2", *FLAGS, check=True)
+                   "--out", tmp_path / "next", "--steps", "3", *FLAGS, check=True)
     assert "init: weights only -- fresh optimizer, schedule and data position, starting at step 0" in proc.stderr
     records = read_metrics(tmp_path / "next")
     previous = read_metrics(uninterrupted)[-1]

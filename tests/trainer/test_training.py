@@ -124,8 +124,12 @@ def test_checkpoints_keep_input_metadata_dtype_and_tied_head(tmp_path, hf_qwen2,
         assert np.array_equal(f["lm_head.weight"], f["model.embed_tokens.weight"])  # aprender's tied copy
         f.verify()
     assert meta["tied_embeddings"] is True and "tie_word_embeddings" not in meta
-    assert {k: v for k, v in meta.items() if k not in ("training", "tied_embeddings")} == {
-        k: v for k, v in source_meta.items() if k != "tie_word_embeddings"}
+    lineage = ("source", "original_format", "created_at")  # the input's: under training.lineage
+    assert {k: v for k, v in meta.items() if k not in ("training", "tied_embeddings", "created_at")} == {
+        k: v for k, v in source_meta.items() if k not in ("tie_word_embeddings", *lineage)}
+    assert meta["created_at"] != source_meta.get("created_at") and meta["created_at"].endswith("Z")
+    assert meta["training"]["lineage"]["init"] == str(apr.resolve())
+    assert all(meta["training"]["lineage"][f"init_{k}"] == source_meta.get(k) for k in lineage)
     assert meta["training"]["step"] == 4 and meta["training"]["tokens_seen"] == 4 * 8 * SEQ
     assert meta["training"]["loss"] == summary.final_loss and meta["training"]["val_loss"] == summary.final_val_loss
     scalars, tensors = checkpoint.load_state(run / "checkpoints" / "step-000004.apr")
