@@ -235,7 +235,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(apr_model, hf_bert, tmp_path):
     with pytest.raises(InvalidArgument, match="--outtype 'q4' is not one of auto, f32, f16, bf16, q8_0"):
         export_apr_to_gguf(apr_model, out, outtype="q4")
     wrong = run_apr("export", apr_model, "-o", tmp_path / "folder", "--outtype", "f16")
-    assert wrong.returncode == 2 and "--outtype applies to --format gguf only" in wrong.stderr
+    assert wrong.returncode == 2 and "--outtype: applies to --format gguf only" in wrong.stderr
     convert_hf_to_apr(hf_bert, tmp_path / "bert.apr")
     with pytest.raises(UnsupportedArchitecture, match="architecture 'bert' cannot be exported to GGUF"):
         export_apr_to_gguf(tmp_path / "bert.apr", out)

@@ -120,7 +120,8 @@ def test_f16_and_bf16_gguf_exports_generate_the_same_16_tokens(smollm2, tmp_path
     _, apr, folder, _ = smollm2
     figures = quant_export.gguf_export(apr, folder, tmp_path)
     assert figures["reference_text"].startswith(" Paris")
-    assert figures["bf16"]["same_tokens"] and figures["bf16"]["max_logits_diff"] == 0.0  # lossless
+    # the .apr is f32 (GGUF import is lossless), so both exports round its weights: same greedy tokens
+    assert figures["bf16"]["same_tokens"], figures["bf16"]["text"]
     assert figures["f16"]["same_tokens"], figures["f16"]["text"]
     assert figures["bf16"]["types"] == {"BF16": 211, "F32": 61}  # lm_head copy left out: llama.cpp ties
     assert figures["f16"]["types"] == {"F16": 211, "F32": 61}
