@@ -66,12 +66,13 @@ def _assert_same_curve(expected: list[dict], got: list[dict]) -> None:
 
 
 def _assert_same_weights(expected: Path, got: Path) -> None:
-    """Read back by the golden-tested reader: same layout and metadata (but the logged losses), same tensors."""
+    """Read back by the golden-tested reader: same layout and metadata (but the logged losses and each
+    checkpoint's own created_at), same tensors."""
     with open_apr(expected) as f, open_apr(got) as g:
         assert f.keys() == g.keys()
         assert [(f.info(n).dtype, f.info(n).shape) for n in f.keys()] == [(g.info(n).dtype, g.info(n).shape)
                                                                         for n in g.keys()]
-        drop = ("training",)
+        drop = ("training", "created_at")
         assert {k: v for k, v in f.metadata.items() if k not in drop} == {
             k: v for k, v in g.metadata.items() if k not in drop}
         assert f.metadata["training"]["step"] == g.metadata["training"]["step"]
