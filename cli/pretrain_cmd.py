@@ -90,7 +90,7 @@ def _default(name: str) -> dict:
 @click.option("--keep-last", "keep_last", type=int,
               help="Keep only the newest N intermediate checkpoints (default: all; final.apr is always kept).")
 @click.option("--force", is_flag=True, default=None,
-              help="Replace a run (with checkpoints) already in --out instead of refusing.")
+              help="Replace a run (with checkpoints) already in -o/--output instead of refusing.")
 @click.option("--strict", is_flag=True, default=None,
               help="Refuse, instead of warning about, a tokenizer that is not the one in the --init file.")
 @click.option("--tensorboard", is_flag=True, default=None,
