@@ -93,6 +93,12 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def barrier(ctx: DistContext) -> None:
+    """Wait until every rank gets here (no-op on a single process)."""
+    if ctx.enabled:
+        dist.barrier()
+
+
 def all_reduce_sum(ctx: DistContext, values: Iterable[float]) -> list[float]:
     """Element-wise sum of `values` over all ranks (identity on a single process)."""
     values = list(values)

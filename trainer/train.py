@@ -37,7 +37,9 @@ def train(config: TrainConfig, log: Log = _quiet) -> TrainSummary:
     ctx = distributed.setup(config.device, group_of_one=config.strategy == "fsdp")
     try:
         with StopSignal().installed() as stop:
-            return _train(config, ctx, log if ctx.is_main else _quiet, stop)
+            summary = _train(config, ctx, log if ctx.is_main else _quiet, stop)
+        distributed.barrier(ctx)  # no rank leaves the group while another still sends to it
+        return summary
     finally:
         distributed.teardown(ctx)
 
