@@ -136,8 +136,15 @@ def pretrain_cmd(ctx: click.Context, as_json: bool, quiet: bool, **options) -> N
     elif main_rank and not quiet and summary.run_dir is not None:
         for line in summary_table(summary):
             click.echo(escape(line), err=True)
-    if summary.stopped_by is not None:
-        sys.exit(128 + int(signal.Signals[summary.stopped_by]))
+    code = 128 + int(signal.Signals[summary.stopped_by]) if summary.stopped_by is not None else 0
+    if summary.world_size > 1:
+        # A torchrun worker whose run is complete (files written, group left) exits at once: under load
+        # the interpreter's teardown of torch's distributed objects could abort (SIGABRT) after the run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def stop_line(summary: TrainSummary) -> str:
