@@ -36,9 +36,11 @@ bench: install
 
 # One GPU, under 8 minutes: the cuda-marked tests, then the 0.5B-shaped model at seq 2048 (bf16-mixed;
 # eager, compiled, activation checkpointing, FSDP over one rank, transformers' Qwen2 in the same loop).
-# Writes gpu-check.json and gpu-check.md. Needs a CUDA torch: `make TORCH=torch gpu-check`.
-gpu-check: install
-	$(PY) -m pytest -q -m cuda tests
+# Writes gpu-check.json and gpu-check.md. Needs a CUDA torch: `make TORCH=torch gpu-check`; on an offline
+# machine whose python3 already has a CUDA torch and the project installed: `make gpu-check PY=python3 INSTALL=`.
+INSTALL ?= install
+gpu-check: $(INSTALL)
+	$(PY) -m pytest -q -p no:cacheprovider -m cuda tests
 	$(PY) benchmarks/gpu_check.py --out gpu-check.json --md gpu-check.md
 
 fuzz: install

@@ -19,6 +19,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,13 +34,14 @@ TINY = dict(
 )
 TINY_SEQ = 64
 # name -> (strategy, torch.compile, activation checkpointing); None = transformers' model
+# (the compiled variants last: they take the longest, and a run cut short keeps the others' rows)
 VARIANTS = {
     "DecoderLM": ("single", False, False),
-    "DecoderLM + compile": ("single", True, False),
     "DecoderLM + act. ckpt": ("single", False, True),
-    "DecoderLM + compile + act. ckpt": ("single", True, True),
     "DecoderLM FSDP x1": ("fsdp", False, False),
     "Qwen2ForCausalLM": None,
+    "DecoderLM + compile": ("single", True, False),
+    "DecoderLM + compile + act. ckpt": ("single", True, True),
 }
 
 
@@ -124,8 +126,11 @@ def _run_variant(name, spec, shape, weights, ctx, batches, warmup: int, steps: i
                 optimizer.param_groups[0]["params"])).dtype)}
 
 
-def run(tiny: bool, steps: int, batch: int, backend: str = "inductor", warmup: int = 3) -> dict:
-    """Every variant in this process, one after another (a failing one is reported, not fatal)."""
+def run(tiny: bool, steps: int, batch: int, backend: str = "inductor", warmup: int = 3,
+        on_row: Callable[[dict], None] = lambda report: None) -> dict:
+    """Every variant in this process, one after another (a failing one is reported, not fatal).
+
+    `on_row` receives the report so far after each variant (written out, it survives a run cut short)."""
     import torch
 
     from apr_trainer import distributed
@@ -147,6 +152,10 @@ def run(tiny: bool, steps: int, batch: int, backend: str = "inductor", warmup: i
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         per_token = flops_per_token(arch, seq)
         results = []
+        report = {"device": name, "peak_bf16_flops": peak, "shape": "tiny" if tiny else "Qwen2.5-0.5B",
+                  "params": arch.param_count(), "flops_per_token": per_token, "seq_len": seq, "batch": batch,
+                  "steps": steps, "warmup": warmup, "compile_backend": backend, "torch": torch.__version__,
+                  "variants": results}
         for variant, spec in VARIANTS.items():
             torch._dynamo.reset()
             try:
@@ -155,11 +164,10 @@ def run(tiny: bool, steps: int, batch: int, backend: str = "inductor", warmup: i
             except Exception as exc:  # noqa: BLE001 - reported in the table; the other variants still run
                 row = {"name": variant, "error": f"{type(exc).__name__}: {exc}"[:300]}
             results.append(row)
+            on_row(report)
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
-        return {"device": name, "peak_bf16_flops": peak, "shape": "tiny" if tiny else "Qwen2.5-0.5B",
-                "params": arch.param_count(), "flops_per_token": per_token, "seq_len": seq, "batch": batch,
-                "steps": steps, "warmup": warmup, "compile_backend": backend, "torch": torch.__version__, "variants": results}
+        return report
     finally:
         distributed.teardown(ctx)
 
@@ -191,11 +199,14 @@ def main() -> None:
     parser.add_argument("--out", default="gpu-check.json", help="JSON report")
     parser.add_argument("--md", default="gpu-check.md", help="markdown table")
     args = parser.parse_args()
-    report = run(args.tiny, args.steps, args.batch, args.compile_backend)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    table = markdown(report)
-    Path(args.md).write_text(table, encoding="utf-8")
-    print(table)
+
+    def write(report: dict) -> None:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        Path(args.md).write_text(markdown(report), encoding="utf-8")
+        print(f"{report['variants'][-1]['name']}: done", flush=True)
+
+    report = run(args.tiny, args.steps, args.batch, args.compile_backend, on_row=write)
+    print(markdown(report))
     if any("error" in row for row in report["variants"]):
         sys.exit(1)
 
