@@ -1,4 +1,4 @@
-"""Lazy, zero-copy reading of .apr files through mmap, with every structural check of the spec."""
+"""Lazy reading of .apr files (zero-copy through mmap, or pread copies), with every structural check of the spec."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ from .errors import (
 )
 from .fileio import crc32
 from .header import Header, unpack_header
+from .sourceio import check_size, mmap_is_safe, read_exact, read_into
 
 _CRC_CHUNK = 16 * 1024 * 1024
+_MAX_INDEX_ENTRY = 2 + MAX_NAME_LENGTH + 2 + 8 * MAX_NDIM + 16
 
 
 @dataclass(frozen=True)
@@ -45,26 +47,35 @@ class TensorInfo:
 
 
 class AprFile:
-    """An open .apr file. Parsing checks header, metadata and index; data stays on disk.
+    """An open .apr file. Parsing checks header, metadata and index (read with pread); data stays on disk.
 
-    Tensor access hands out views into a private (copy-on-write) mapping, so writing to a
-    returned array never touches the file and never faults.
+    With `use_mmap` (the default on local file systems; None chooses) tensor access hands out views
+    into a private (copy-on-write) mapping, so writing to a returned array never touches the file;
+    the file's size is checked before each access, yet a program cutting the file short *during* an
+    access still kills the process with SIGBUS. Without it, every access is a pread copy and a
+    shrunken file is a `Truncated` error: what every CLI command and converter uses.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, use_mmap: bool | None = None) -> None:
         self.path = os.fspath(path)
         self._map: mmap.mmap | None = None
-        with open(self.path, "rb") as fh:
-            self.file_size = os.fstat(fh.fileno()).st_size
+        self._view: memoryview | None = None
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.file_size = os.fstat(self._fd).st_size
             if self.file_size == 0:
                 raise Truncated(self.path, "file is empty")
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-        try:
-            self._view = memoryview(self._map)
-            self.header: Header = unpack_header(self._view[:HEADER_SIZE], self.path)
+            self.header: Header = unpack_header(read_exact(self._fd, 0, min(HEADER_SIZE, self.file_size), self.path),
+                                                self.path)
             self._check_sections()
             self.metadata: dict[str, Any] = self._parse_metadata()
             self._tensors: dict[str, TensorInfo] = self._parse_index()
+            if use_mmap is None:
+                use_mmap = mmap_is_safe(self.path)
+            if use_mmap:
+                check_size(self._fd, self.file_size, self.path)
+                self._map = mmap.mmap(self._fd, self.file_size, access=mmap.ACCESS_COPY)
+                self._view = memoryview(self._map)
         except BaseException:
             self.close()
             raise
@@ -97,9 +108,9 @@ class AprFile:
 
     def _parse_metadata(self) -> dict[str, Any]:
         h = self.header
-        raw = self._view[h.metadata_offset : h.metadata_offset + h.metadata_size]
         if not h.metadata_size:
             return {}
+        raw = read_exact(self._fd, h.metadata_offset, h.metadata_size, self.path)
         try:
             meta = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -109,8 +120,11 @@ class AprFile:
         return {k: v for k, v in meta.items() if v is not None}
 
     def _parse_index(self) -> dict[str, TensorInfo]:
-        h, view = self.header, self._view
+        h = self.header
         pos, end = h.tensor_index_offset, h.data_offset
+        # Entries are at most _MAX_INDEX_ENTRY bytes: never read more than tensor_count of them need.
+        base = h.tensor_index_offset
+        view = read_exact(self._fd, base, min(end - base, h.tensor_count * _MAX_INDEX_ENTRY), self.path)
         data_room = self.file_size - FOOTER_SIZE - h.data_offset
         compressed = bool(h.flags & Flag.ZSTD)
         tensors: dict[str, TensorInfo] = {}
@@ -121,23 +135,23 @@ class AprFile:
                     raise CorruptIndex(self.path, f"index entry {i} ({what}) runs past the index section end {end}")
 
             need(2, "name length")
-            (name_len,) = struct.unpack_from("<H", view, pos)
+            (name_len,) = struct.unpack_from("<H", view, pos - base)
             if name_len == 0 or name_len > MAX_NAME_LENGTH:
                 raise CorruptIndex(self.path, f"index entry {i}: name length {name_len} is not in 1..{MAX_NAME_LENGTH}")
             need(2 + name_len + 2, "name")
-            raw_name = bytes(view[pos + 2 : pos + 2 + name_len])
+            raw_name = bytes(view[pos - base + 2 : pos - base + 2 + name_len])
             try:
                 name = raw_name.decode("utf-8")
             except UnicodeDecodeError:
                 raise CorruptIndex(self.path, f"index entry {i}: name is not UTF-8") from None
             pos += 2 + name_len
-            code, ndim = view[pos], view[pos + 1]
+            code, ndim = view[pos - base], view[pos - base + 1]
             dtype = _lookup_dtype(code, self.path, name)
             if ndim > MAX_NDIM:
                 raise CorruptIndex(self.path, f"tensor {name!r}: ndim {ndim} exceeds {MAX_NDIM}")
             need(2 + 8 * ndim + 16, "shape, offset and size")
-            shape = struct.unpack_from(f"<{ndim}Q", view, pos + 2)
-            offset, size = struct.unpack_from("<QQ", view, pos + 2 + 8 * ndim)
+            shape = struct.unpack_from(f"<{ndim}Q", view, pos - base + 2)
+            offset, size = struct.unpack_from("<QQ", view, pos - base + 2 + 8 * ndim)
             pos += 2 + 8 * ndim + 16
             if previous is not None and raw_name <= previous:
                 problem = "duplicate tensor name" if raw_name == previous else "index is not sorted by name at"
@@ -214,8 +228,7 @@ class AprFile:
     def stored(self, name: str) -> memoryview:
         """The tensor's bytes exactly as stored (a zstd frame when compressed)."""
         info = self.info(name)
-        start = self.header.data_offset + info.offset
-        return self._live_view()[start : start + info.size]
+        return self._bytes_at(self.header.data_offset + info.offset, info.size)
 
     def raw(self, name: str) -> memoryview:
         """The tensor's decoded bytes: zero-copy unless the file is zstd-compressed."""
@@ -268,28 +281,42 @@ class AprFile:
         return flat.reshape(info.shape)
 
     def verify(self) -> None:
-        """Check the footer CRC-32 over the whole file (reads every byte).
+        """Check the footer CRC-32 over the whole file (reads every byte, with pread).
 
         Raises:
             FooterChecksum: the stored CRC does not match the content.
+            Truncated: the file was cut short while being read.
         """
-        view = self._live_view()
+        fd = self._open_fd()
         body = self.file_size - FOOTER_SIZE
-        (stored,) = struct.unpack_from("<I", view, body)
-        crc = 0
+        (stored,) = struct.unpack_from("<I", read_exact(fd, body, 4, self.path))
+        crc, buf = 0, memoryview(bytearray(min(_CRC_CHUNK, body)))
         for start in range(0, body, _CRC_CHUNK):
-            crc = crc32(view[start : min(start + _CRC_CHUNK, body)], crc)
+            chunk = buf[: min(_CRC_CHUNK, body - start)]
+            read_into(fd, start, chunk, self.path)
+            crc = crc32(chunk, crc)
         if crc != stored:
             raise FooterChecksum(self.path, f"footer CRC-32 mismatch: stored {stored:#010x}, computed {crc:#010x}")
 
-    def _live_view(self) -> memoryview:
-        if self._map is None:
+    def _bytes_at(self, start: int, nbytes: int) -> memoryview:
+        """File bytes start..start+nbytes: a view of the mapping (after a size check) or a pread copy."""
+        fd = self._open_fd()
+        if self._view is None:
+            return memoryview(read_exact(fd, start, nbytes, self.path))
+        check_size(fd, self.file_size, self.path)
+        return self._view[start : start + nbytes]
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
             raise AprError(self.path, "file is closed")
-        return self._view
+        return self._fd
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the mapping (left to the garbage collector while views are still alive)."""
+        """Release the file and mapping (the mapping is left to the garbage collector while views are alive)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
         view, self._view = getattr(self, "_view", None), None
         mapping, self._map = self._map, None
         if view is not None:
@@ -342,6 +369,11 @@ def _dtype_of(info: TensorInfo) -> DType:
     return DTYPE_BY_NAME[info.dtype]
 
 
-def open_apr(path: str | os.PathLike) -> AprFile:
-    """Open an .apr file lazily. Raises an AprError subclass for any structural problem."""
-    return AprFile(path)
+def open_apr(path: str | os.PathLike, *, use_mmap: bool | None = None) -> AprFile:
+    """Open an .apr file lazily. Raises an AprError subclass for any structural problem.
+
+    `use_mmap`: True hands out zero-copy views; False reads every tensor with pread (a file cut
+    short meanwhile is a `Truncated` error, never SIGBUS); None (default) maps unless the file lies
+    on a network or FUSE file system.
+    """
+    return AprFile(path, use_mmap=use_mmap)

@@ -52,7 +52,7 @@ class AprWriter:
     """Collects tensors (or producers of them) and writes the file atomically on `close()`.
 
     Nothing touches the destination until every byte is in a temp file beside it, fsynced;
-    then `os.replace` puts it in place. Memory stays bounded by the largest single tensor
+    then it is renamed into place (without `overwrite`, only where no file is: `OutputExists` otherwise). Memory stays bounded by the largest single tensor
     when tensors are given as zero-argument callables (each is called once, while writing).
     """
 
@@ -63,6 +63,7 @@ class AprWriter:
         *,
         compression: str | None = None,
         flags: int = 0,
+        overwrite: bool = True,
     ) -> None:
         if compression not in (None, "zstd"):
             raise InvalidArgument(path, f"unknown compression {compression!r} (choose zstd or none)")
@@ -70,6 +71,7 @@ class AprWriter:
         self.metadata = dict(metadata or {})
         self.compression = compression
         self.flags = Flag(flags)
+        self.overwrite = overwrite
         self._planned: dict[str, _Planned] = {}
         self._closed = False
 
@@ -139,7 +141,7 @@ class AprWriter:
             flags=int(flags), tensor_count=len(entries), metadata_size=len(meta),
             tensor_index_offset=index_offset, data_offset=data_offset,
         )
-        with atomic.replacing(self.path) as out:
+        with atomic.replacing(self.path, overwrite=self.overwrite) as out:
             if self.compression:
                 self._write_compressed(out, header, meta, entries, index_size)
             else:

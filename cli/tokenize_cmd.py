@@ -32,9 +32,9 @@ def tokenize_cmd(source: str, out: str, tokenizer: str | None, from_apr: str | N
     if (tokenizer is None) == (from_apr is None):
         raise InvalidArgument("--tokenizer", "give exactly one of --tokenizer tokenizer.json or --from model.apr")
     if os.path.exists(out) and not force:
-        raise OutputExists(out, "exists (use --force to overwrite)")
+        raise OutputExists(out, "already exists (use --force to overwrite)")
     info = load_tokenizer(tokenizer, from_apr)
-    meta = tokenize_corpus(source, out, info, dtype)
+    meta = tokenize_corpus(source, out, info, dtype, overwrite=force)
     if as_json:
         echo_json({"output": out, **meta})
     else:

@@ -19,7 +19,7 @@ from apr_format.fileio import FileRange
 
 from .families import FAMILIES, family_of, is_tied
 from .hf_source import INDEX_FILE, SINGLE_FILE
-from .mapped import AprStream, equal_chunks
+from .source_files import AprStream, equal_chunks
 from .metadata import HF_FILES, HF_INDEX, SOURCE_METADATA, hf_config_text
 from .safetensors_io import OutTensor, apr_nbytes, file_size, layout, write_safetensors
 
@@ -90,11 +90,11 @@ def export_apr_to_hf(
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE, out_dir)
     _check_folder(out_dir, force)
     report = ExportReport(source=src, output=out_dir)
-    with open_apr(src) as apr, _closing(AprStream(apr)) as stream:
+    with open_apr(src, use_mmap=False) as apr, _closing(AprStream(apr)) as stream:
         tensors, report.dropped = _tensors(apr, stream, progress)
         shards = (_source_split(tensors, apr.metadata) if max_shard_size is None else None) \
             or _shard(tensors, limit, apr.metadata)
-        with replacing_folder(out_dir) as tmp:
+        with replacing_folder(out_dir, overwrite=force) as tmp:
             report.files, report.config_written = _write_folder(tmp, apr, shards)
     report.tensor_count = len(tensors)
     report.total_size = sum(t.nbytes for t in tensors)
@@ -129,13 +129,13 @@ def export_apr_to_safetensors(
     if stream is None:
         _check_file(dst_name, force)
     report = ExportReport(source=src, output=str(dst_name))
-    with open_apr(src) as apr, _closing(AprStream(apr)) as source:
+    with open_apr(src, use_mmap=False) as apr, _closing(AprStream(apr)) as source:
         tensors, report.dropped = _tensors(apr, source, progress)
         meta = _st_metadata(apr.metadata)
         if stream is not None:
             write_safetensors(stream, tensors, meta)
         else:
-            with replacing(dst_name) as out:
+            with replacing(dst_name, overwrite=force) as out:
                 write_safetensors(out, tensors, meta)
             report.files = [dst_name]
     report.tensor_count = len(tensors)

@@ -18,7 +18,7 @@ from apr_format.constants import MAGIC, MAGIC_V1
 from .dtype_cast import ITEMSIZE, to_float
 from .families import FAMILIES, Family, family_of, is_tied, map_config
 from .hf_source import HfSource, open_hf_source
-from .mapped import CHUNK_BYTES, AprStream, equal_chunks
+from .source_files import CHUNK_BYTES, AprStream, equal_chunks
 
 # Keys that say where and when a file was made, not what it holds: reported, never counted.
 IGNORED_KEYS = frozenset(("created_at", "source", "name"))
@@ -107,7 +107,7 @@ class _Side:
         self.apr: AprFile | None = None
         self.hf: HfSource | None = None
         if _is_apr(path):
-            self.apr = open_apr(path)
+            self.apr = open_apr(path, use_mmap=False)
             self.stream = AprStream(self.apr)
             self.kind = "apr"
             self.infos = {t.name: (t.dtype, t.shape) for t in self.apr.tensors()}

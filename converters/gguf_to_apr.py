@@ -123,7 +123,7 @@ def convert_gguf(
     kept = [e for e in entries if e.dtype in KEEP_RAW.values()]
     if kept:
         metadata["quantization"] = _quantization(kept)
-    with AprWriter(dst, metadata, flags=flags) as writer:
+    with AprWriter(dst, metadata, flags=flags, overwrite=force) as writer:
         for entry in entries:
             writer.add(entry.name, _loader(entry, progress, total_size), dtype=entry.dtype, shape=entry.shape)
     return GgufReport(

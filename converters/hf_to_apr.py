@@ -105,7 +105,7 @@ def convert_hf_to_apr(
             meta[SOURCE_METADATA] = file_meta
         if source.index is not None:
             meta[HF_INDEX] = {"metadata": source.index["metadata"], "weight_map": source.index["weight_map"]}
-        writer = AprWriter(dst, meta, compression=compression, flags=flags)
+        writer = AprWriter(dst, meta, compression=compression, flags=flags, overwrite=force)
         for p in plan:
             writer.add(p.name, _producer(source, p, progress, total_size), dtype=p.dtype, shape=p.source.shape)
         writer.close()

@@ -167,9 +167,10 @@ def _tokenize_text(root: Path, tokenizer: Callable[[], TokenizerInfo] | None) ->
 
 def write_token_file(
     path: str | os.PathLike, chunks: Iterable[np.ndarray], vocab_size: int, dtype: str = "auto",
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, *, overwrite: bool = True,
 ) -> dict[str, Any]:
     """Stream token ids to `path` and write the `<path>.json` sidecar; both atomically.
+    Without `overwrite` an existing `path` is refused (OutputExists), also one another process writes meanwhile.
 
     `dtype` "auto" picks uint16 when every id < 65536 can be stored, else uint32.
     Returns the sidecar dict.
@@ -185,7 +186,7 @@ def write_token_file(
         raise InvalidArgument(path, f"vocabulary of {vocab_size} does not fit uint16 tokens; use uint32")
     np_dtype = _DTYPES[dtype]
     count, max_id = 0, -1
-    with replacing(path) as fh:
+    with replacing(path, overwrite=overwrite) as fh:
         for chunk in chunks:
             if len(chunk):
                 max_id = max(max_id, int(chunk.max()))
@@ -199,7 +200,8 @@ def write_token_file(
 
 
 def tokenize_corpus(
-    source: str | os.PathLike, out: str | os.PathLike, tokenizer: TokenizerInfo, dtype: str = "auto"
+    source: str | os.PathLike, out: str | os.PathLike, tokenizer: TokenizerInfo, dtype: str = "auto", *,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Tokenize text (.txt, .jsonl, or a folder of them) into a token file + sidecar, streaming.
 
@@ -209,7 +211,7 @@ def tokenize_corpus(
     chunks = encode_documents(tokenizer, iter_documents(files))
     extra = {"source": os.fspath(source), "files": len(files), "tokenizer": tokenizer.source,
              "tokenizer_sha256": tokenizer.sha256, "eos_id": tokenizer.eos_id}
-    return write_token_file(out, chunks, tokenizer.size, dtype, extra)
+    return write_token_file(out, chunks, tokenizer.size, dtype, extra, overwrite=overwrite)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""Tensor bytes of source files read with pread, one tensor or chunk at a time (never a memory map:
+a file cut short by another program while we read it is then a one-line `Truncated` error, not SIGBUS)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from apr_format import AprFile, Flag
+from apr_format.fileio import FileRange
+from apr_format.sourceio import read_exact
+
+CHUNK_BYTES = 16 * 1024 * 1024
+
+
+class SourceFiles:
+    """Open files handing out copies of byte ranges. Memory is what the caller holds: one tensor
+    for `read()`, one chunk for `chunks()`, whatever the file size."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def open(self, file: str) -> int:
+        """Open `file` (once); returns its size in bytes."""
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return os.fstat(self._fds[file]).st_size
+
+    def read(self, file: str, start: int, nbytes: int) -> memoryview:
+        """Bytes start..start+nbytes of an opened file (a copy).
+
+        Raises:
+            Truncated: the file ends first (it was cut short while we read it).
+        """
+        fd = self._fds.get(file)
+        if fd is None:
+            raise ValueError(f"{file} is not open")
+        return memoryview(read_exact(fd, start, nbytes, file))
+
+    def chunks(self, file: str, start: int, nbytes: int, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+        """Successive copies of at most `step` bytes: reading a huge tensor costs one chunk of memory."""
+        for offset in range(start, start + nbytes, step):
+            yield self.read(file, offset, min(step, start + nbytes - offset))
+
+    def close(self) -> None:
+        """Close every file."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+class AprStream:
+    """Tensor bytes of an open .apr, read with pread one tensor or chunk at a time. zstd files decode
+    through AprFile."""
+
+    def __init__(self, apr: AprFile) -> None:
+        self.apr = apr
+        self._compressed = bool(apr.flags & Flag.ZSTD)
+        self._files = SourceFiles()
+        if not self._compressed:
+            self._files.open(apr.path)
+
+    def stream(self, name: str) -> memoryview:
+        """The tensor's decoded bytes (a copy)."""
+        if self._compressed:
+            return self.apr.raw(name)
+        return self._files.read(*self._range(name))
+
+    def file_range(self, name: str) -> FileRange | None:
+        """Where the tensor's bytes lie in the file, for a kernel-side copy (None when zstd-compressed)."""
+        return None if self._compressed else FileRange(*self._range(name))
+
+    def chunks(self, name: str, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+        """The tensor's decoded bytes in chunks of `step`."""
+        if self._compressed:
+            raw = self.apr.raw(name)
+            for offset in range(0, len(raw), step):
+                yield raw[offset : offset + step]
+        else:
+            yield from self._files.chunks(*self._range(name), step)
+
+    def _range(self, name: str) -> tuple[str, int, int]:
+        info = self.apr.info(name)
+        return self.apr.path, self.apr.header.data_offset + info.offset, info.size
+
+    def close(self) -> None:
+        """Close our file (the AprFile stays open)."""
+        self._files.close()
+
+
+def equal_chunks(a: Iterator[memoryview], b: Iterator[memoryview]) -> bool:
+    """Whether two chunk streams cut at the same sizes hold the same bytes (stops at the first difference)."""
+    for chunk_a, chunk_b in zip(a, b, strict=True):
+        if not _same_bytes(chunk_a, chunk_b):
+            return False
+    return True
+
+
+def _same_bytes(a: memoryview, b: memoryview) -> bool:
+    """Byte equality through numpy, in 8-byte words where possible (memoryview `==` goes element by
+    element: 10x slower)."""
+    if len(a) != len(b):
+        return False
+    word = np.uint64 if len(a) % 8 == 0 else np.uint8
+    return np.array_equal(np.frombuffer(a, dtype=word), np.frombuffer(b, dtype=word))
