@@ -135,7 +135,8 @@ def _refuse_taken(dest: str) -> None:
         raise OutputExists(dest, "already exists (use --force to overwrite)")
     writers = tempfiles.live_writers(dest)
     if writers:
-        raise OutputExists(dest, f"is being written by another process ({_pids(writers)}) (use --force to overwrite)")
+        raise OutputExists(dest, f"already exists or is being written: another process ({_pids(writers)}) is "
+                                 "writing it now (use --force to overwrite)")
 
 
 def _publish_new_file(tmp: str, dest: str) -> None:

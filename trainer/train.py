@@ -21,6 +21,7 @@ import torch
 
 from apr_format import open_apr
 from apr_format.architecture import ArchitectureConfig, read_architecture
+from apr_format.atomic import claim_folder
 from apr_format.errors import InvalidArgument, OutputExists
 from apr_format.init_tensors import UnusedTensorWarning, expected_parameter_shapes, load_init_tensors
 
@@ -424,6 +425,7 @@ class _Loop:
         self.last_val: float | None = None
         self.last_val_step = -1
         self.metrics = None
+        self.run_lock: int | None = None
 
     def _optimizer(self) -> torch.optim.Optimizer:
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
@@ -551,6 +553,9 @@ class _Loop:
 
     # -- files (main rank only) -------------------------------------------------------------
     def _open_run_dir(self) -> None:
+        self.run_lock = claim_folder(self.run_dir)  # one process per run folder; a second one is told our PID
+        if self.config.resume is None:  # again, under the lock: a run started beside us may have finished
+            _refuse_existing_run(self.run_dir)
         (self.run_dir / checkpoint.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         metrics = self.run_dir / METRICS_FILE
         if self.start_step and metrics.exists():  # drop what the interrupted run logged past its checkpoint
@@ -569,6 +574,9 @@ class _Loop:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+        if self.run_lock is not None:
+            os.close(self.run_lock)
+            self.run_lock = None
 
     def _save(self, step: int, path: Path, replicas: list[str] | None) -> None:
         val = self.last_val if self.last_val_step == step else None

@@ -86,25 +86,37 @@ def apr_env() -> dict[str, str]:
     return env
 
 
+def cli_command(args, prelude: str | None = None) -> list[str]:
+    """The command line of `apr ARGS`; with `prelude`, Python run in the same process before the CLI
+    (for injected faults or pauses)."""
+    if prelude is None:
+        return [*APR_COMMAND, *map(str, args)]
+    code = f"{prelude}\nimport sys\nfrom apr_cli.main import main\nsys.argv = ['apr', *sys.argv[1:]]\nmain()"
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
 def run_cli(*args, fsize: int | None = None, prelude: str | None = None, timeout: float = 300,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `apr ARGS` in a subprocess, optionally with a file-size cap or Python run before the CLI
     (`prelude`, for injected faults), and return it with text output."""
-    if prelude is None:
-        command = [*APR_COMMAND, *map(str, args)]
-    else:
-        code = f"{prelude}\nimport sys\nfrom apr_cli.main import main\nsys.argv = ['apr', *sys.argv[1:]]\nmain()"
-        command = [sys.executable, "-c", code, *map(str, args)]
-    proc = subprocess.run(command, capture_output=True, env=apr_env(), timeout=timeout, cwd=cwd,
+    proc = subprocess.run(cli_command(args, prelude), capture_output=True, env=apr_env(), timeout=timeout, cwd=cwd,
                           preexec_fn=_limits(fsize), check=False)
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
                                        proc.stderr.decode("utf-8", "replace"))
 
 
-def popen_cli(*args, cwd: Path | None = None) -> subprocess.Popen:
-    """Start `apr ARGS` without waiting (for the kill tests); output is discarded."""
-    return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=apr_env(), cwd=cwd)
+def popen_cli(*args, cwd: Path | None = None, prelude: str | None = None, capture: bool = False) -> subprocess.Popen:
+    """Start `apr ARGS` without waiting (for the kill and race tests); output is discarded unless `capture`
+    (then read it with `finish`)."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(cli_command(args, prelude), stdout=out, stderr=out, env=apr_env(), cwd=cwd)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a `popen_cli(..., capture=True)` process; its result with text output."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout.decode("utf-8", "replace"),
+                                       stderr.decode("utf-8", "replace"))
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
