@@ -88,3 +88,7 @@ class CorruptSource(AprError):
 
 class InvalidArgument(AprError):
     """Arguments that contradict each other or the input."""
+
+
+class MissingDependency(AprError):
+    """An optional package a command needs is not installed (the message says how to install it)."""
