@@ -19,6 +19,7 @@ from apr_format.errors import (
     CorruptMetadata, CorruptSource, InvalidArgument, MissingConfigKey, MissingTensor, ShapeMismatch,
     UnsupportedArchitecture, UnsupportedFeature, VocabMismatch,
 )
+from apr_format.sourceio import read_exact
 
 from .dtype_cast import cast
 from .families import expected_tensors, get_family, map_config
@@ -125,7 +126,7 @@ def convert_gguf(
         metadata["quantization"] = _quantization(kept)
     with AprWriter(dst, metadata, flags=flags, overwrite=force) as writer:
         for entry in entries:
-            writer.add(entry.name, _loader(entry, progress, total_size), dtype=entry.dtype, shape=entry.shape)
+            writer.add(entry.name, _loader(entry, src, progress, total_size), dtype=entry.dtype, shape=entry.shape)
     return GgufReport(
         source=src, output=dst, architecture=arch, family=family.name, tensor_count=len(entries),
         param_count=param_count, total_size=total_size, bytes_written=os.path.getsize(dst), dtype=dtype,
@@ -410,11 +411,11 @@ def _check_type(t: Any, src: str) -> None:
         ) from None
 
 
-def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[], np.ndarray]:
+def _loader(entry: _Entry, src: str, progress: Progress | None, total: int) -> Callable[[], np.ndarray]:
     """Zero-argument producer of one output tensor (called once, while the writer streams)."""
 
     def load() -> np.ndarray:
-        result = _convert(entry)
+        result = _convert(entry, src)
         if progress is not None:
             progress(entry.name, _nbytes(entry), total)
         return result
@@ -422,7 +423,7 @@ def _loader(entry: _Entry, progress: Progress | None, total: int) -> Callable[[]
     return load
 
 
-def _convert(entry: _Entry) -> np.ndarray:
+def _convert(entry: _Entry, src: str) -> np.ndarray:
     """The output bytes of one tensor, dequantized a block of rows at a time (bounded memory).
 
     Every GGML type quantizes rows independently, so llama.cpp's q/k row permutation is undone
@@ -431,7 +432,7 @@ def _convert(entry: _Entry) -> np.ndarray:
     import gguf
 
     t = entry.tensor
-    stored = np.asarray(t.data)  # typed values for F32/F16, uint8 [rows, bytes per row] otherwise
+    stored = _stored(t, src)  # typed values for F32/F16, uint8 [rows, bytes per row] otherwise
     if entry.heads:
         stored = unpermute(stored, entry.heads)
     if entry.dtype in KEEP_RAW.values():
@@ -447,6 +448,17 @@ def _convert(entry: _Entry) -> np.ndarray:
             values = cast(memoryview(values).cast("B"), "f32", entry.dtype)
         out_rows[start : start + step] = values.reshape(-1, out_rows.shape[1])
     return out
+
+
+def _stored(t: Any, src: str) -> np.ndarray:
+    """The tensor's stored values as gguf-py describes them, read with pread rather than through its
+    memory map: a file cut short meanwhile is then a `Truncated` error, not SIGBUS."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        raw = read_exact(fd, int(t.data_offset), int(t.n_bytes), src)
+    finally:
+        os.close(fd)
+    return np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
 
 
 def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
