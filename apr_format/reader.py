@@ -198,6 +198,11 @@ class AprFile:
 
     # -- access --------------------------------------------------------------------------
     @property
+    def mapped(self) -> bool:
+        """Whether tensor access hands out views of a memory map (else pread copies)."""
+        return self._view is not None
+
+    @property
     def flags(self) -> Flag:
         return Flag(self.header.flags)
 

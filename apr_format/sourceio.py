@@ -50,9 +50,10 @@ def check_size(fd: int, expected: int, path: str) -> None:
                               "(another program is changing it)")
 
 
-def on_network_fs(path: str | os.PathLike) -> bool:
-    """Whether `path` lies on a network or FUSE file system (per /proc/self/mountinfo; False where unknown)."""
-    mounts = _mounts()
+def on_network_fs(path: str | os.PathLike, mounts: tuple[tuple[str, str], ...] | None = None) -> bool:
+    """Whether `path` lies on a network or FUSE file system, per `mounts` ((mount point, type) pairs;
+    default: /proc/self/mountinfo). False where unknown."""
+    mounts = _mounts() if mounts is None else mounts
     if not mounts:
         return False
     real = os.path.realpath(os.fspath(path))
@@ -65,18 +66,25 @@ def on_network_fs(path: str | os.PathLike) -> bool:
 
 
 def mmap_is_safe(path: str | os.PathLike) -> bool:
-    """The default for `use_mmap=None`: map local files, read network ones."""
+    """The default for `use_mmap=None`: map local files, read network ones; never map when the
+    environment sets APR_NO_MMAP=1 (for a file system the table above misses)."""
+    if os.environ.get("APR_NO_MMAP", "") not in ("", "0"):
+        return False
     return not on_network_fs(path)
 
 
 @functools.cache
 def _mounts() -> tuple[tuple[str, str], ...]:
-    """(mount point, file system type) of every mount; empty where /proc is absent."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()
+            return parse_mountinfo(fh.read())
     except OSError:
         return ()
+
+
+def parse_mountinfo(text: str) -> tuple[tuple[str, str], ...]:
+    """(mount point, file system type) of every line of a /proc/PID/mountinfo text."""
+    lines = text.splitlines()
     out = []
     for line in lines:
         left, sep, right = line.partition(" - ")

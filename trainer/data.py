@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,14 @@ import numpy as np
 
 from apr_format.atomic import replacing
 from apr_format.errors import CorruptSource, InvalidArgument
+from apr_format.sourceio import read_exact
 
 from .tokenization import TEXT_SUFFIXES, TokenizerInfo, encode_documents, iter_documents, text_files
 
 TOKEN_SUFFIX = ".bin"
 SIDECAR_FORMAT = "apr-tokens"
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-_MAX_SCAN = 1 << 24  # elements per chunk when scanning a memmap for its largest id
+_MAX_SCAN = 1 << 24  # elements per chunk when scanning a token file for its largest id
 
 
 def sidecar_path(token_file: str | os.PathLike) -> Path:
@@ -39,8 +41,38 @@ class TokenFileInfo:
     eos_id: int | None = None
 
 
+class TokenFile:
+    """A token file read with pread, one slice at a time: no memory map, so a file cut short by another
+    program while training reads it is a `Truncated` error naming it, never SIGBUS (and network file
+    systems are read with plain reads)."""
+
+    def __init__(self, path: str | os.PathLike, dtype: np.dtype, count: int) -> None:
+        self.path, self.dtype, self._count = os.fspath(path), dtype, count
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        weakref.finalize(self, os.close, self._fd)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """Tokens of a contiguous slice, as a new array of the file's dtype."""
+        if not isinstance(key, slice):
+            raise TypeError(f"TokenFile takes a slice, not {type(key).__name__}")
+        start, stop, step = key.indices(self._count)
+        if step != 1:
+            raise ValueError("TokenFile slices are contiguous (step 1)")
+        size = self.dtype.itemsize
+        return np.frombuffer(read_exact(self._fd, start * size, max(0, stop - start) * size, self.path), self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def tolist(self) -> list[int]:
+        return self[:].tolist()
+
+
 class TokenStream:
-    """One or more 1-D token arrays (memmaps or in memory) seen as a single sequence."""
+    """One or more 1-D token arrays (token files or in memory) seen as a single sequence."""
 
     def __init__(self, parts: list[np.ndarray], source: str, info: TokenFileInfo | None = None,
                  tokenizer: TokenizerInfo | None = None) -> None:
@@ -65,7 +97,7 @@ class TokenStream:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def max_id(self) -> int:
-        """The largest token id (scans memmaps in bounded chunks)."""
+        """The largest token id (scans token files in bounded chunks)."""
         best = -1
         for part in self.parts:
             for begin in range(0, len(part), _MAX_SCAN):
@@ -112,8 +144,8 @@ def _open_shards(files: list[Path], source: Path) -> TokenStream:
     return TokenStream([arr for arr, _ in opened], os.fspath(source), first)
 
 
-def open_token_file(path: str | os.PathLike) -> tuple[np.ndarray, TokenFileInfo]:
-    """Memory-map one token file. No sidecar means aprender's little-endian u32 (spec).
+def open_token_file(path: str | os.PathLike) -> tuple[TokenFile, TokenFileInfo]:
+    """Open one token file for reading (`TokenFile`). No sidecar means aprender's little-endian u32 (spec).
 
     Raises:
         CorruptSource: bad sidecar, or a byte size that does not match it.
@@ -130,7 +162,7 @@ def open_token_file(path: str | os.PathLike) -> tuple[np.ndarray, TokenFileInfo]
         raise CorruptSource(path, f"holds {count} tokens but {side.name} says {info.num_tokens}")
     if count == 0:
         raise CorruptSource(path, "holds no tokens")
-    return np.memmap(path, dtype=dtype, mode="r"), info
+    return TokenFile(path, dtype, count), info
 
 
 def _read_sidecar(side: Path) -> TokenFileInfo:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from apr_format import open_apr
 from apr_format.errors import Truncated
 from apr_format.init_tensors import load_init_tensors
+from apr_trainer.data import write_token_file
 
 from apr_testing import FIXTURES
 from conftest import leftovers, one_line_error, run_cli
@@ -104,6 +106,14 @@ def test_pretrain_init_source_cut(model, tmp_path):
     assert not (run / "final.apr").exists()
 
 
+def test_pretrain_data_cut(tmp_path):
+    tokens = tmp_path / "tokens.bin"
+    write_token_file(tokens, [np.random.default_rng(0).integers(0, 512, 20_000)], 512)
+    proc = cut_run(tokens, "data", "pretrain", "--arch", "tiny", "--data", tokens, "--out", tmp_path / "run",
+                   "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "-q")
+    check_error(proc, tokens)
+
+
 def test_load_init_tensors_in_process(model):
     """The library loader: a file cut short after opening is `Truncated`, and loaded tensors own their bytes."""
     loaded = load_init_tensors(model)
@@ -119,6 +129,7 @@ def test_load_init_tensors_in_process(model):
 def test_mapped_access_after_a_cut_is_refused(model):
     """Where a caller asks for zero-copy views, the size is checked before each access."""
     with open_apr(model, use_mmap=True) as apr:
+        assert apr.mapped
         name = apr.keys()[-1]
         with open(model, "r+b") as fh:
             fh.truncate(apr.header.data_offset)
