@@ -8,6 +8,7 @@ import mmap
 import os
 import struct
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -60,7 +61,8 @@ class AprFile:
         self.path = os.fspath(path)
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._close_fd = weakref.finalize(self, os.close, self._fd)  # also when never closed explicitly
         try:
             self.file_size = os.fstat(self._fd).st_size
             if self.file_size == 0:
@@ -319,9 +321,9 @@ class AprFile:
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
         """Release the file and mapping (the mapping is left to the garbage collector while views are alive)."""
-        fd, self._fd = getattr(self, "_fd", None), None
-        if fd is not None:
-            os.close(fd)
+        self._fd = None
+        if hasattr(self, "_close_fd"):
+            self._close_fd()
         view, self._view = getattr(self, "_view", None), None
         mapping, self._map = self._map, None
         if view is not None:

@@ -4,6 +4,7 @@ a file cut short by another program while we read it is then a one-line `Truncat
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,11 +22,13 @@ class SourceFiles:
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._closers: list[weakref.finalize] = []
 
     def open(self, file: str) -> int:
         """Open `file` (once); returns its size in bytes."""
         if file not in self._fds:
             self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._closers.append(weakref.finalize(self, os.close, self._fds[file]))  # also if never closed
         return os.fstat(self._fds[file]).st_size
 
     def read(self, file: str, start: int, nbytes: int) -> memoryview:
@@ -46,9 +49,9 @@ class SourceFiles:
 
     def close(self) -> None:
         """Close every file."""
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        closers, self._fds, self._closers = self._closers, {}, []
+        for close in closers:
+            close()
 
 
 class AprStream:
