@@ -85,6 +85,7 @@ def link_into_place(src: str | os.PathLike, dest: str | os.PathLike) -> None:
             tempfiles.lock(held)
             os.link(src, tmp)
             os.replace(tmp, dest)
+            _unlink(tmp)  # rename(2) does nothing when dest already is a link to the same file
         finally:
             os.close(held)
 

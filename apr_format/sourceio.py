@@ -35,7 +35,10 @@ def read_into(fd: int, offset: int, buf: memoryview, path: str) -> None:
     """
     done, total = 0, len(buf)
     while done < total:
-        n = os.preadv(fd, [buf[done:]], offset + done)
+        try:
+            n = os.preadv(fd, [buf[done:]], offset + done)
+        except OSError as exc:  # EIO, EISDIR (a folder opens fine): name the file
+            raise type(exc)(exc.errno, exc.strerror, path) from None
         if n == 0:
             raise Truncated(path, f"file ended at byte {offset + done} while reading bytes "
                                   f"{offset}..{offset + total} (was it cut short by another program?)")

@@ -154,3 +154,6 @@ def test_final_link_races_never_lose_the_file(tmp_path):
     assert errors == []
     assert os.path.samefile(dest, sources[0]) or os.path.samefile(dest, sources[1])
     assert leftovers(tmp_path) == []
+    for _ in range(2):  # publishing the file final.apr already links: rename(2) is then a no-op
+        link_into_place(sources[0], dest)
+    assert os.path.samefile(dest, sources[0]) and leftovers(tmp_path) == []
