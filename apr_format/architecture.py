@@ -7,45 +7,17 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import AprError, CorruptMetadata, MissingConfigKey, UnsupportedArchitecture, UnsupportedFeature
+from .errors import AprError, CorruptMetadata, MissingConfigKey, UnsupportedFeature
+from .families import (
+    FAMILIES, SUPPORTED_FAMILIES, aliases, attention_bias_setting, get_family, parameter_count, tensor_shapes,
+)
 
-
-@dataclass(frozen=True)
-class Family:
-    """What one decoder family fixes that the metadata may leave out."""
-
-    attention_bias: bool  # q/k/v projections carry a bias unless the metadata says otherwise
-    o_proj_bias: bool  # HF Llama's `attention_bias` also biases o_proj; Qwen2 never does
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family(attention_bias=False, o_proj_bias=True),
-    "qwen2": Family(attention_bias=True, o_proj_bias=False),
-}
-SUPPORTED_FAMILIES = tuple(FAMILIES)
 
 # Where the family name may sit, most specific first. aprender writes `architecture` =
 # config.json `model_type`, `hf_model_type` the same, and `model_type` "Auto" or the family.
 _FAMILY_KEYS = ("architecture", "hf_model_type", "model_type")
 _NOT_A_FAMILY = frozenset(("auto", ""))
 
-# Canonical APR key -> spellings accepted only when the canonical key is absent: HF config
-# names (some writers put them at the top level, aprender keeps them under `hf_config`) and the
-# serde aliases of aprender's runtime metadata struct (realizar `AprMetadata`, PMAT-111).
-ALIASES: dict[str, tuple[str, ...]] = {
-    "hidden_size": ("hidden_dim", "d_model", "n_embd"),
-    "num_layers": ("num_hidden_layers", "n_layers", "n_layer"),
-    "num_heads": ("num_attention_heads", "n_heads", "n_head"),
-    "num_kv_heads": ("num_key_value_heads", "n_kv_heads"),
-    "intermediate_size": ("ffn_dim", "intermediate_dim", "n_inner"),
-    "vocab_size": ("n_vocab",),
-    "max_position_embeddings": ("max_seq_len", "context_length", "n_ctx", "n_positions"),
-    "rope_theta": (),
-    "rms_norm_eps": ("layer_norm_eps", "norm_eps"),
-    "head_dim": (),
-    "tie_word_embeddings": ("tied_embeddings",),
-    "attention_bias": (),
-}
 _INT_KEYS = (
     "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size",
     "max_position_embeddings",
@@ -54,7 +26,11 @@ _INT_KEYS = (
 
 @dataclass(frozen=True)
 class ArchitectureConfig:
-    """Shape and numerics of a Llama-style decoder (Llama, Qwen2). Field names are APR's."""
+    """Shape and numerics of a Llama-style decoder (a family of `families.FAMILIES`). Field names are APR's.
+
+    `sliding_window` (families that read it, e.g. mistral) limits attention to that many
+    previous positions; None means full causal attention.
+    """
 
     family: str
     hidden_size: int
@@ -69,6 +45,7 @@ class ArchitectureConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool
     attention_bias: bool
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         _check_values(self, None)
@@ -79,14 +56,15 @@ class ArchitectureConfig:
 
         Defaults exist only where they are well defined: `num_kv_heads` = `num_heads`,
         `head_dim` = `hidden_size / num_heads`, `attention_bias` = the family's (qwen2 true,
-        llama false). `tie_word_embeddings` also accepts aprender's `tied_embeddings`; when no
+        llama and mistral false; the HF config's `attention_bias` counts for llama only, as in
+        transformers). `tie_word_embeddings` also accepts aprender's `tied_embeddings`; when no
         source says it, it is a MissingConfigKey here (`read_architecture` can decide it from
         the tensor index).
 
         Raises:
             UnsupportedArchitecture: the family is missing from SUPPORTED_FAMILIES (bert, t5, ...).
             MissingConfigKey: a key without a default is absent (the message names it).
-            UnsupportedFeature: rope scaling, sliding-window attention, MLP biases or a
+            UnsupportedFeature: rope scaling, Qwen2's `use_sliding_window`, MLP biases or a
                 non-SiLU activation, which the trainer's model does not implement.
             CorruptMetadata: a value of the wrong type or out of range.
         """
@@ -114,7 +92,10 @@ class ArchitectureConfig:
             rope_theta=lookup.as_float("rope_theta"),
             rms_norm_eps=lookup.as_float("rms_norm_eps"),
             tie_word_embeddings=lookup.as_bool("tie_word_embeddings"),
-            attention_bias=lookup.as_bool("attention_bias", default=FAMILIES[family].attention_bias),
+            attention_bias=lookup.checked_bool(
+                "attention_bias", attention_bias_setting(meta, FAMILIES[family]), FAMILIES[family].attention_bias
+            ),
+            sliding_window=lookup.as_int("sliding_window", default=None) if FAMILIES[family].sliding_window else None,
         )
         try:
             return cls(**fields)
@@ -124,10 +105,11 @@ class ArchitectureConfig:
     def to_metadata(self) -> dict[str, Any]:
         """Canonical APR metadata keys for this architecture (no aliases; spec "Metadata").
 
-        `rope_type` is 2 for both families: HF-layout q/k weights use the rotate-half
-        convention (spec: "Conventions of aprender's HF importer"). `attention_bias` is a custom
-        key, written so that a round trip through metadata is lossless.
+        `rope_type` is 2 for every family: HF-layout q/k weights use the rotate-half
+        convention (spec: "Conventions of aprender's HF importer"). `attention_bias` and
+        `sliding_window` are custom keys, written so that a round trip through metadata is lossless.
         """
+        window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
         return {
             "architecture": self.family,
             "model_type": self.family,
@@ -137,6 +119,7 @@ class ArchitectureConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
+            **window,
         }
 
     @property
@@ -144,15 +127,39 @@ class ArchitectureConfig:
         """Whether o_proj carries a bias (HF Llama ties it to attention_bias; Qwen2 never)."""
         return self.attention_bias and FAMILIES[self.family].o_proj_bias
 
+    def dimensions(self) -> dict[str, int]:
+        """The named dimensions of the family table's shape templates."""
+        return {
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size, "num_layers": self.num_layers,
+            "q_dim": self.num_heads * self.head_dim, "kv_dim": self.num_kv_heads * self.head_dim,
+        }
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter of this model, HF name -> shape, in model order (no lm_head when tied)."""
+        return tensor_shapes(
+            FAMILIES[self.family], self.dimensions(), attention_bias=self.attention_bias,
+            head=not self.tie_word_embeddings,
+        )
+
     def param_count(self) -> int:
         """Number of distinct trainable parameters (a tied head counts once)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        attention = h * q + 2 * h * kv + q * h
-        if self.attention_bias:
-            attention += q + 2 * kv + (h if self.o_proj_bias else 0)
-        layer = attention + 3 * h * self.intermediate_size + 2 * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * layer + h + head
+        return parameter_count(
+            FAMILIES[self.family], self.dimensions(), attention_bias=self.attention_bias,
+            head=not self.tie_word_embeddings,
+        )
+
+    def check_sequence_length(self, seq_len: int, flag: str | None = None) -> None:
+        """Refuse sequences longer than the sliding window: the model implements plain causal attention.
+
+        Raises:
+            UnsupportedFeature: `seq_len` exceeds `sliding_window`.
+        """
+        if self.sliding_window is not None and seq_len > self.sliding_window:
+            raise UnsupportedFeature(
+                None, f"sequence length {seq_len} exceeds {self.family}'s sliding_window {self.sliding_window}; "
+                "sliding-window attention is not implemented (use a length <= the window)", flag=flag,
+            )
 
 
 def read_architecture(path: str | os.PathLike) -> ArchitectureConfig:
@@ -186,14 +193,9 @@ def _family(meta: dict, path) -> str:
     candidates = [meta.get(k) for k in _FAMILY_KEYS] + [hf_config.get("model_type")]
     for value in candidates:
         if isinstance(value, str) and value.strip().lower() not in _NOT_A_FAMILY:
-            family = value.strip().lower()
-            if family not in FAMILIES:
-                raise UnsupportedArchitecture(
-                    path,
-                    f"architecture {value!r} is not supported; supported decoder families: "
-                    f"{', '.join(SUPPORTED_FAMILIES)}",
-                )
-            return family
+            if value.strip().lower() not in FAMILIES:
+                get_family(value, path)  # raises UnsupportedArchitecture naming the supported ones
+            return value.strip().lower()
     raise MissingConfigKey(
         path,
         f"metadata has no 'architecture' (nor model_type / hf_model_type); supported: {', '.join(SUPPORTED_FAMILIES)}",
@@ -212,7 +214,7 @@ class _Lookup:
         self.hf: dict = hf if isinstance(hf, dict) else {}
 
     def get(self, key: str) -> Any:
-        names = (key, *ALIASES.get(key, ()))
+        names = (key, *aliases(key))
         for source in (self.meta, self.hf):
             for name in names:
                 if source.get(name) is not None:
@@ -248,7 +250,11 @@ class _Lookup:
         return float(value)
 
     def as_bool(self, key: str, default: Any = _REQUIRED) -> bool:
-        value = self._value(key, default)
+        return self.checked_bool(key, self._value(key, default), default)
+
+    def checked_bool(self, key: str, value: Any, default: bool) -> bool:
+        """`value` (found by the caller), or `default` when None; anything but a bool is corrupt."""
+        value = default if value is None else value
         if not isinstance(value, bool):
             raise CorruptMetadata(self.path, f"{key} is {value!r}, expected true or false")
         return value
@@ -274,11 +280,7 @@ def _reject_unsupported_features(lookup: _Lookup, path) -> None:
 
 
 def _check_values(config: ArchitectureConfig, path) -> None:
-    if config.family not in FAMILIES:
-        raise UnsupportedArchitecture(
-            path, f"architecture {config.family!r} is not supported; supported decoder families: "
-            f"{', '.join(SUPPORTED_FAMILIES)}"
-        )
+    get_family(config.family, path)
     for key in _INT_KEYS:
         value = getattr(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -291,5 +293,8 @@ def _check_values(config: ArchitectureConfig, path) -> None:
         raise CorruptMetadata(
             path, f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}"
         )
+    window = config.sliding_window
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise CorruptMetadata(path, f"sliding_window is {window!r}, expected a positive integer")
     if config.head_dim % 2:
         raise CorruptMetadata(path, f"head_dim {config.head_dim} must be even for rotary embeddings")

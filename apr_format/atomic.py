@@ -246,17 +246,20 @@ def _naming(exc: OSError, tmp: str, dest: str) -> OSError:
 
 
 def _fsync_dir(folder: str) -> None:
-    """Make a folder's entries (a rename into it) durable; silently skipped where folders cannot be opened."""
+    """Make a folder's entries (a rename into it) durable.
+
+    Raises:
+        OSError: naming `folder` when it cannot be opened or synced: the rename could be lost in a crash.
+    """
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot make a rename in this folder durable (fsync: {exc.strerror})",
+                        folder) from exc
 
 
 def _rmtree(path: str) -> None:

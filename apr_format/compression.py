@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import CorruptIndex, UnsupportedFeature
+from .errors import CorruptTensorData, UnsupportedFeature
 
 ZSTD_LEVEL = 3
 # The densest zstd block (RLE: 3-byte header + 1 byte) inflates to at most 128 KiB, so no
@@ -33,25 +33,25 @@ def decompress(frame: memoryview | bytes, expected: int, path: str | os.PathLike
     """Inflate one tensor's frame; never allocates more than `expected` bytes.
 
     Raises:
-        CorruptIndex: the frame is not valid zstd or does not inflate to `expected` bytes.
+        CorruptTensorData: the frame is not valid zstd or does not inflate to `expected` bytes.
     """
     zstandard = _zstd(path)
     if expected > _MAX_RATIO * len(frame):
-        raise CorruptIndex(path, f"tensor {name!r}: a {len(frame)}-byte zstd frame cannot inflate to {expected} bytes")
+        raise CorruptTensorData(path, f"tensor {name!r}: a {len(frame)}-byte zstd frame cannot inflate to {expected} bytes")
     try:
         if not expected:
             return b""
         # python-zstandard allocates the size a frame header declares, ignoring max_output_size.
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
-            raise CorruptIndex(path, f"tensor {name!r}: zstd frame declares {declared} bytes, expected {expected}")
+            raise CorruptTensorData(path, f"tensor {name!r}: zstd frame declares {declared} bytes, expected {expected}")
         if expected > _PROBE_RATIO * len(frame):
             _check_inflated_size(zstandard, frame, expected, path, name)
         out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected)
     except zstandard.ZstdError as exc:
-        raise CorruptIndex(path, f"tensor {name!r}: zstd frame is corrupt ({exc})") from exc
+        raise CorruptTensorData(path, f"tensor {name!r}: zstd frame is corrupt ({exc})") from exc
     if len(out) != expected:
-        raise CorruptIndex(path, f"tensor {name!r}: zstd frame inflates to {len(out)} bytes, expected {expected}")
+        raise CorruptTensorData(path, f"tensor {name!r}: zstd frame inflates to {len(out)} bytes, expected {expected}")
     return out
 
 
@@ -65,6 +65,6 @@ def _check_inflated_size(zstandard, frame: memoryview | bytes, expected: int, pa
                 break
             total += len(chunk)
     if total > expected:
-        raise CorruptIndex(path, f"tensor {name!r}: zstd frame inflates to more than the expected {expected} bytes")
+        raise CorruptTensorData(path, f"tensor {name!r}: zstd frame inflates to more than the expected {expected} bytes")
     if total < expected:
-        raise CorruptIndex(path, f"tensor {name!r}: zstd frame inflates to {total} bytes, expected {expected}")
+        raise CorruptTensorData(path, f"tensor {name!r}: zstd frame inflates to {total} bytes, expected {expected}")

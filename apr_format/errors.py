@@ -1,4 +1,4 @@
-"""The library's error types: one subclass per failure, message "{path}: {problem}"."""
+"""The library's error types: one subclass per failure, message "{path, flag or variable}: {problem}"."""
 
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import os
 
 
 class AprError(Exception):
-    """Base of every error apr raises for bad input or unusable files."""
+    """Base of every error apr raises for bad input or unusable files.
 
-    def __init__(self, path: str | os.PathLike | None, problem: str) -> None:
+    It is about one thing, named in the field that says what it is: `path` (a file or folder),
+    `flag` (a command-line option, "--seq-len") or `variable` (an environment variable, "RANK").
+    The message starts with that name.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike | None, problem: str, *, flag: str | None = None, variable: str | None = None
+    ) -> None:
         self.path = os.fspath(path) if path is not None else None
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+        self.flag, self.variable, self.problem = flag, variable, problem
+        subject = next((s for s in (self.path, flag, variable) if s is not None), None)
+        super().__init__(f"{subject}: {problem}" if subject is not None else problem)
 
 
 class BadMagic(AprError):
@@ -46,6 +54,10 @@ class CorruptIndex(AprError):
     """The tensor index is malformed: bounds, names, order, sizes or offsets."""
 
 
+class CorruptTensorData(AprError):
+    """A tensor's stored bytes cannot be decoded (a bad zstd frame, a wrong inflated size)."""
+
+
 class UnknownDType(AprError):
     """A dtype code or name this library does not know."""
 
@@ -56,6 +68,10 @@ class ColumnMajor(AprError):
 
 class UnsupportedFeature(AprError):
     """A valid file uses something we do not implement (LZ4, encryption, q4_k dequant...)."""
+
+
+class NotQuantizable(AprError):
+    """Values that a quantized dtype cannot represent (NaN, Inf, beyond the scale's range)."""
 
 
 class UnsupportedArchitecture(AprError):
@@ -92,3 +108,7 @@ class InvalidArgument(AprError):
 
 class MissingDependency(AprError):
     """An optional package a command needs is not installed (the message says how to install it)."""
+
+
+class InvalidArchitectureConfig(AprError):
+    """A user's architecture JSON (`--arch-config`) is not a usable architecture description."""

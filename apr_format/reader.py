@@ -17,17 +17,17 @@ import numpy as np
 from . import compression, quants
 from .constants import (
     ALIGNMENT, DTYPE_BY_NAME, DTYPES, FOOTER_SIZE, HEADER_SIZE, LEGACY_DTYPE_CODES, MAX_ELEMENTS, MAX_METADATA_SIZE,
+    QUANTIZED_DTYPES,
     MAX_NAME_LENGTH, MAX_NDIM, METADATA_OFFSET, MIN_INDEX_ENTRY_SIZE, DType, Flag,
 )
 from .errors import (
     AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
     UnsupportedFeature,
 )
-from .fileio import crc32
+from .fileio import CHUNK, crc32
 from .header import Header, unpack_header
 from .sourceio import check_size, mmap_is_safe, read_exact, read_into
 
-_CRC_CHUNK = 16 * 1024 * 1024
 _MAX_INDEX_ENTRY = 2 + MAX_NAME_LENGTH + 2 + 8 * MAX_NDIM + 16
 
 
@@ -276,9 +276,9 @@ class AprFile:
         import torch
 
         info = self.info(name)
-        if info.dtype in ("q4", "q8", "q4_k", "q6_k"):
+        if info.dtype in QUANTIZED_DTYPES:
             return torch.from_numpy(self.to_float32(name))
-        torch_dtype = _TORCH_DTYPES[info.dtype]
+        torch_dtype = DTYPE_BY_NAME[info.dtype].torch
         raw = self.raw(name)
         if not len(raw):
             return torch.empty(info.shape, dtype=getattr(torch, torch_dtype))
@@ -297,9 +297,9 @@ class AprFile:
         fd = self._open_fd()
         body = self.file_size - FOOTER_SIZE
         (stored,) = struct.unpack_from("<I", read_exact(fd, body, 4, self.path))
-        crc, buf = 0, memoryview(bytearray(min(_CRC_CHUNK, body)))
-        for start in range(0, body, _CRC_CHUNK):
-            chunk = buf[: min(_CRC_CHUNK, body - start)]
+        crc, buf = 0, memoryview(bytearray(min(CHUNK, body)))
+        for start in range(0, body, CHUNK):
+            chunk = buf[: min(CHUNK, body - start)]
             read_into(fd, start, chunk, self.path)
             crc = crc32(chunk, crc)
         if crc != stored:
@@ -345,12 +345,6 @@ class AprFile:
 
     def __repr__(self) -> str:
         return f"AprFile({self.path!r}, tensors={len(self._tensors)})"
-
-
-_TORCH_DTYPES = {
-    "f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
-    "i32": "int32", "i64": "int64", "i8": "int8", "u8": "uint8",
-}
 
 
 def _reject_constant(text: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from . import quants
-from .constants import ALIGNMENT, DTYPE_BY_NAME, FOOTER_SIZE, HEADER_SIZE, Flag
+from .constants import ALIGNMENT, DTYPE_BY_NAME, FOOTER_SIZE, HEADER_SIZE, Flag, index_entry_size
 from .errors import (
     AprError, BadMagic, ColumnMajor, CorruptIndex, CorruptMetadata, HeaderChecksum, LegacyFormat,
     Truncated, UnknownDType, UnsupportedFeature, UnsupportedVersion,
@@ -171,7 +171,7 @@ def _check_layout(report: ValidationReport, apr: AprFile, fh: BinaryIO) -> None:
 def _layout_problem(apr: AprFile, fh: BinaryIO) -> str | None:
     h = apr.header
     infos = apr.tensors()
-    index_bytes = sum(2 + len(t.name.encode("utf-8")) + 2 + 8 * len(t.shape) + 16 for t in infos)
+    index_bytes = sum(index_entry_size(t.name, len(t.shape)) for t in infos)
     if h.tensor_index_offset != h.metadata_offset + pad64(h.metadata_size):
         return f"tensor_index_offset is {h.tensor_index_offset}, expected {h.metadata_offset + pad64(h.metadata_size)}"
     if h.data_offset != h.tensor_index_offset + pad64(index_bytes):

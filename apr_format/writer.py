@@ -14,22 +14,13 @@ import numpy as np
 
 from . import atomic, compression
 from .constants import (
-    ALIGNMENT, DTYPE_BY_NAME, MAX_ELEMENTS, MAX_METADATA_SIZE, MAX_NAME_LENGTH, MAX_NDIM,
-    METADATA_OFFSET, QUANTIZED_DTYPES, DType, Flag,
+    ALIGNMENT, DTYPE_BY_NAME, DTYPE_BY_TORCH, MAX_ELEMENTS, MAX_METADATA_SIZE, MAX_NAME_LENGTH, MAX_NDIM,
+    METADATA_OFFSET, QUANTIZED_DTYPES, DType, Flag, index_entry_size,
 )
 from .errors import InvalidArgument, Truncated, UnknownDType
 from .fileio import CHUNK, FileRange, Writeback, copy_range, crc32
 from .header import Header
 
-_NUMPY_TO_APR = {
-    "float32": "f32", "float16": "f16", "float64": "f64", "int32": "i32", "int64": "i64",
-    "int8": "i8", "uint8": "u8", "bfloat16": "bf16",
-}
-_TORCH_TO_APR = {
-    "torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16", "torch.float64": "f64",
-    "torch.int32": "i32", "torch.int64": "i64", "torch.int8": "i8", "torch.uint8": "u8",
-}
-_CRC_CHUNK = 16 * 1024 * 1024
 
 TensorSource = Any  # np.ndarray | torch.Tensor | bytes-like | FileRange | Callable[[], one of those]
 
@@ -135,7 +126,7 @@ class AprWriter:
         if self.compression:
             flags |= Flag.ZSTD
         index_offset = METADATA_OFFSET + pad64(len(meta))
-        index_size = sum(2 + len(e.name.encode("utf-8")) + 2 + 8 * len(e.shape) + 16 for e in entries)
+        index_size = sum(index_entry_size(e.name, len(e.shape)) for e in entries)
         data_offset = index_offset + pad64(index_size)
         header = Header(
             flags=int(flags), tensor_count=len(entries), metadata_size=len(meta),
@@ -177,7 +168,7 @@ class AprWriter:
         out.seek(0)
         crc, remaining = 0, header.data_offset + cursor
         while remaining:
-            chunk = out.read(min(_CRC_CHUNK, remaining))
+            chunk = out.read(min(CHUNK, remaining))
             crc = crc32(chunk, crc)
             remaining -= len(chunk)
         out.seek(0, os.SEEK_END)
@@ -274,10 +265,10 @@ def _as_buffer(
     """Bytes, dtype and shape of a numpy array, torch tensor or raw buffer."""
     if type(data).__module__.startswith("torch"):
         torch_name = str(data.dtype)
-        if torch_name not in _TORCH_TO_APR:
+        if torch_name.removeprefix("torch.") not in DTYPE_BY_TORCH:
             raise UnknownDType(path, f"tensor {name!r}: torch dtype {torch_name} has no APR code")
         tensor = data.detach().to("cpu").contiguous()
-        inferred, dims = _TORCH_TO_APR[torch_name], tuple(tensor.shape)
+        inferred, dims = DTYPE_BY_TORCH[torch_name.removeprefix("torch.")].name, tuple(tensor.shape)
         import torch
 
         data = tensor.reshape(-1).view(torch.uint8).numpy()
@@ -296,7 +287,7 @@ def _as_buffer(
 
 
 def _numpy_buffer(arr: np.ndarray, dtype: str | None, shape, path: str, name: str):
-    inferred = _NUMPY_TO_APR.get(arr.dtype.name)
+    inferred = DTYPE_BY_TORCH[arr.dtype.name].name if arr.dtype.name in DTYPE_BY_TORCH else None
     if dtype is not None:
         target = _dtype(dtype, path)
         if target.packed or (target.name == "bf16" and arr.dtype == np.uint16):

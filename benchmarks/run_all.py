@@ -25,6 +25,7 @@ import bench_export  # noqa: E402
 import bench_inspect  # noqa: E402
 import bench_load  # noqa: E402
 import bench_state  # noqa: E402
+import bench_tokenize  # noqa: E402
 import bench_train  # noqa: E402
 import bench_validate  # noqa: E402
 import workload as workloads  # noqa: E402
@@ -39,6 +40,7 @@ BENCHES = {
     "validate": (bench_validate.run, 5, 3),
     "state": (bench_state.run, 5, 3),
     "train": (lambda w, runs: bench_train.run(runs), 7, 3),
+    "tokenize": (lambda w, runs: bench_tokenize.run(runs, *bench_tokenize.SIZES[w.name == "quick"]), 3, 1),
 }
 
 

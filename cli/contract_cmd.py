@@ -1,10 +1,19 @@
-"""`apr contract check`: validate a falsifier contract, check its tests exist, optionally run them."""
+"""`apr contract check` (development only): validate a falsifier contract, check its tests exist, optionally run them.
+
+The runner lives in the checkout's tests/contract_runner.py: a contract pins tests, and tests/ is
+not installed with the package, so the command works from a source checkout (`make install`) only.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import click
 
-from apr_trainer.contract import check_contract
+from apr_format.errors import UnsupportedFeature
 
 from .main import EXIT_CHECK_FAILED
 from .render import echo_json, escape, table
@@ -25,13 +34,31 @@ def check_cmd(path: str, run: bool, root: str | None, as_json: bool) -> None:
     """Check FILE's schema and that every test it names exists. Exit 0 ok, 1 problems or failed tests, 2 unreadable."""
     if run:
         click.echo("running the contract's tests with pytest...", err=True)
-    report = check_contract(path, root=root, run=run)
+    report = _runner().check_contract(path, root=root, run=run)
     if as_json:
         echo_json(report.to_dict())
     else:
         _render(path, report)
     if not report.ok:
         raise click.exceptions.Exit(EXIT_CHECK_FAILED)
+
+
+def _runner() -> ModuleType:
+    """tests/contract_runner.py of the source checkout this apr_cli is installed from.
+
+    Raises:
+        UnsupportedFeature: apr was installed from a wheel, without the tests.
+    """
+    runner = Path(__file__).resolve().parents[1] / "tests" / "contract_runner.py"
+    if not runner.is_file():
+        raise UnsupportedFeature(
+            None, "apr contract is a development command: run it from a source checkout (make install)"
+        )
+    spec = importlib.util.spec_from_file_location("contract_runner", runner)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _render(path: str, report) -> None:

@@ -2,48 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import click
 
 from apr_format.errors import InvalidArgument
 
-from .render import echo_json, human_bytes, human_count
-
-
-class ByteProgress:
-    """A click progress bar over bytes on stderr, drawn only on a terminal without NO_COLOR, CI or --quiet."""
-
-    def __init__(self, label: str, quiet: bool) -> None:
-        self.label = label
-        self.enabled = not quiet and sys.stderr.isatty() and not os.environ.get("NO_COLOR") and not os.environ.get("CI")
-        self._bar = None
-
-    def __call__(self, name: str, nbytes: int, total: int | None = None) -> None:
-        if not self.enabled or total is None:
-            return
-        if self._bar is None:
-            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_eta=True)
-            self._bar.__enter__()
-        self._bar.update(nbytes)
-
-    def __enter__(self) -> "ByteProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-
-
-def report_dict(report: Any) -> dict[str, Any]:
-    """A library report (dataclass with or without `to_dict`) as JSON-ready data."""
-    if hasattr(report, "to_dict"):
-        return report.to_dict()
-    return asdict(report) if is_dataclass(report) else dict(report)
+from .render import ByteProgress, echo_json, human_bytes, human_count, report_dict
 
 
 @click.command("convert")
@@ -60,16 +25,21 @@ def report_dict(report: Any) -> dict[str, Any]:
 @click.option("--keep-quant", is_flag=True, help="GGUF only: keep Q4_K / Q6_K blocks as APR q4_k / q6_k.")
 @click.option("--compress", type=click.Choice(["zstd"]), default=None,
               help="Our zstd extension (aprender cannot read it); default uncompressed.")
+@click.option("--quantize", type=click.Choice(["q8", "q4"]), default=None,
+              help="Pack weight matrices as aprender's q8 (one f32 scale per tensor) or q4 (blocks of 32, "
+                   "f16 scales); norms, biases and tensors under 1024 values stay float. Prints the error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the conversion report as JSON.")
 def convert_cmd(
     src: str, output: str, dtype: str | None, force: bool, quiet: bool, config_path: str | None,
-    no_lm_head_copy: bool, keep_quant: bool, compress: str | None, as_json: bool,
+    no_lm_head_copy: bool, keep_quant: bool, compress: str | None, quantize: str | None, as_json: bool,
 ) -> None:
     """Convert SRC (an HF model folder, a .safetensors file or a .gguf file) to an .apr file.
 
     HF tensors keep their names, shapes and dtype (bf16 bytes are copied unchanged). qwen2 and
     llama checkpoints are checked tensor by tensor against the config; other architectures are
-    converted as they are.
+    converted as they are. `apr import` is the same command (aprender's name for it).
+
+    Example: apr convert ./SmolLM2-135M -o smollm2-q4.apr --quantize q4
     """
     with ByteProgress("converting", quiet or as_json) as progress:
         if src.lower().endswith(".gguf"):
@@ -80,7 +50,7 @@ def convert_cmd(
 
             report = convert_gguf(
                 src, output, dtype=dtype or "bf16", keep_quant=keep_quant, force=force,
-                lm_head_copy=not no_lm_head_copy, progress=progress,
+                lm_head_copy=not no_lm_head_copy, quantize=quantize, progress=progress,
             )
         else:
             if keep_quant:
@@ -89,7 +59,7 @@ def convert_cmd(
 
             report = convert_hf_to_apr(
                 src, output, dtype=dtype, force=force, lm_head_copy=not no_lm_head_copy,
-                config_path=config_path, compression=compress, progress=progress,
+                config_path=config_path, compression=compress, quantize=quantize, progress=progress,
             )
     data = report_dict(report)
     if as_json:
@@ -115,6 +85,15 @@ def render_report(data: dict[str, Any]) -> str:
         extra = data["extra_tensors"]
         shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
         lines.append(f"  kept {len(extra)} tensors the {data['family']} table does not know: {shown}")
+    quant = data.get("quantization")
+    if quant:
+        worst = quant["worst_tensor"] or {}
+        lines.append(
+            f"  quantized {len(quant['quantized'])} tensors to {quant['kind']} "
+            f"(max |error| {quant['max_abs_error']:.3g}, relative L2 error {quant['rel_l2_error']:.3g}; "
+            f"worst {worst.get('name')} at {worst.get('rel_l2', 0):.3g}); "
+            f"kept {len(quant['kept_float'])} in float (norms, biases, tensors under 1024 values)"
+        )
     for warning in data.get("warnings") or []:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)

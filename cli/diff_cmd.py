@@ -6,8 +6,7 @@ from typing import Any
 
 import click
 
-from .convert_cmd import ByteProgress
-from .render import echo_json, escape, table
+from .render import ByteProgress, echo_json, escape, table
 
 EXIT_DIFFERENT = 1
 

@@ -12,6 +12,7 @@ import click
 from apr_format import Flag, open_apr
 
 from .render import echo_json, human_bytes, human_count, table
+from .sources import is_apr_input
 
 # The transformer config keys, shown first (spec: "Metadata").
 ARCH_KEYS = (
@@ -36,11 +37,6 @@ class Entry(NamedTuple):
     shape: tuple[int, ...]
     numel: int
     nbytes: int  # bytes it takes in the file
-
-
-def is_apr_input(path: str) -> bool:
-    """True unless `path` is a folder or a .safetensors file (those are read as HF checkpoints)."""
-    return not (os.path.isdir(path) or path.lower().endswith(".safetensors"))
 
 
 @click.command("inspect")
@@ -101,7 +97,7 @@ def summarize_hf(path: str) -> dict[str, Any]:
 def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
     """An HF config.json under our metadata names (model_type -> architecture, num_hidden_layers ->
     num_layers, ...), with the HF spelling of each mapped key dropped, architecture keys first."""
-    from apr_converters.families import CONFIG_KEYS, map_config
+    from apr_format.families import CONFIG_KEYS, map_config
 
     canonical = map_config(config)
     if isinstance(config.get("model_type"), str):

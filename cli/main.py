@@ -17,13 +17,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tensors": ("apr_cli.tensors_cmd:tensors_cmd", "List tensors: name, dtype, shape, bytes, offset."),
     "validate": ("apr_cli.validate_cmd:validate_cmd", "Check structure, CRC, alignment and NaN/Inf."),
     "convert": ("apr_cli.convert_cmd:convert_cmd", "Convert an HF checkpoint or GGUF file to .apr."),
-    "export": ("apr_cli.export_cmd:export_cmd", "Export an .apr to an HF folder or safetensors file."),
+    "import": ("apr_cli.convert_cmd:convert_cmd", "Alias of `apr convert` (aprender's name)."),
+    "export": ("apr_cli.export_cmd:export_cmd", "Export an .apr to an HF folder, safetensors or GGUF file."),
     "diff": ("apr_cli.diff_cmd:diff_cmd", "Compare two checkpoints tensor by tensor."),
     "pretrain": ("apr_cli.pretrain_cmd:pretrain_cmd", "Train from --init model.apr or a built-in architecture."),
     "train": ("apr_cli.pretrain_cmd:pretrain_cmd", "Alias of `apr pretrain`."),
-    "tokenize": ("apr_cli.tokenize_cmd:tokenize_cmd", "Tokenize text into a token file for training."),
+    "tokenize": ("apr_cli.tokenize_cmd:tokenize_cmd", "Tokenize text (.txt/.jsonl/.parquet, any size) into token shards for training."),
     "plot": ("apr_cli.plot_cmd:plot_cmd", "Draw training curves of run folders (metrics.jsonl) as a PNG."),
-    "contract": ("apr_cli.contract_cmd:contract_cmd", "Check a falsifier contract file."),
+    "contract": ("apr_cli.contract_cmd:contract_cmd", "Check a falsifier contract file (development, needs a checkout)."),
 }
 
 EXIT_OK = 0
@@ -56,8 +57,8 @@ class AprGroup(click.Group):
             return None
         module_name, attr = entry[0].split(":")
         command = getattr(importlib.import_module(module_name), attr)
-        if cmd_name == "train":
-            command = _alias(command, "train")
+        if command.name != cmd_name:  # an alias: `apr train` = pretrain, `apr import` = convert
+            command = _alias(command, cmd_name)
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

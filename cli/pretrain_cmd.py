@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import click
 
-from apr_trainer.train import TrainConfig, resume_config, train
+from apr_trainer.config import TrainConfig, resume_config
+from apr_trainer.distributed import is_main_process
+from apr_trainer.train import train
 
 from .render import echo_json, escape
 
@@ -21,8 +22,9 @@ def _d(name: str) -> str:
 @click.command("pretrain")
 @click.option("--init", metavar="MODEL.apr", help="Start from these weights (weights only: new optimizer, step 0).")
 @click.option("--data", "--dataset", "data", metavar="PATH",
-              help="Token .bin (+ .bin.json sidecar; bare = aprender u32), a folder of .bin shards, or text "
-                   "(.txt, .jsonl with \"text\", or a folder of them).")
+              help="Token shards: an `apr tokenize` folder or its index.json, a .bin (+ .bin.json sidecar; bare = "
+                   "aprender u32), a folder or quoted glob of .bin files; or text (.txt/.md, .jsonl, .parquet, "
+                   "+ .gz/.zst, folders, globs), tokenized in memory.")
 @click.option("--out", "out_dir", metavar="RUN_DIR", help="Run folder: metrics.jsonl, checkpoints/, final.apr.")
 @click.option("--resume", metavar="RUN_DIR|CKPT.apr", help="Continue a run exactly where its checkpoint stopped.")
 @click.option("--arch", metavar="NAME", help="Built-in architecture for random init: llama-370m (default), tiny.")
@@ -63,7 +65,7 @@ def pretrain_cmd(as_json: bool, quiet: bool, **options) -> None:
         if not given.get("data"):
             raise click.UsageError("--data is required (or --resume a run)")
         config = TrainConfig(**given)
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = is_main_process()
     log = (lambda line: None) if quiet or not main_rank else (lambda line: click.echo(escape(line), err=True))
     summary = train(config, log)
     if as_json and main_rank:

@@ -1,9 +1,13 @@
-"""Shared output helpers for every command: JSON on stdout, tabulate tables, human sizes, safe names."""
+"""Shared output helpers for every command: JSON on stdout, tabulate tables, human sizes, safe names,
+byte progress bars, library reports as data."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import click
@@ -64,3 +68,35 @@ def _scaled(value: float, base: int, units: tuple[str, ...], sep: str) -> str:
             return f"{value:.1f}{sep}{unit}"
         value /= base
     return f"{value:.1f}{sep}{units[-1]}"
+
+
+class ByteProgress:
+    """A click progress bar over bytes on stderr, drawn only on a terminal without NO_COLOR, CI or --quiet."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label = label
+        self.enabled = not quiet and sys.stderr.isatty() and not os.environ.get("NO_COLOR") and not os.environ.get("CI")
+        self._bar = None
+
+    def __call__(self, name: str, nbytes: int, total: int | None = None) -> None:
+        if not self.enabled or total is None:
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_eta=True)
+            self._bar.__enter__()
+        self._bar.update(nbytes)
+
+    def __enter__(self) -> "ByteProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+def report_dict(report: Any) -> dict[str, Any]:
+    """A library report (dataclass with or without `to_dict`) as JSON-ready data."""
+    if hasattr(report, "to_dict"):
+        return report.to_dict()
+    return asdict(report) if is_dataclass(report) else dict(report)

@@ -10,8 +10,8 @@ import click
 
 from apr_format import Flag, open_apr
 
-from .inspect_cmd import is_apr_input
 from .render import echo_json, table
+from .sources import is_apr_input
 
 
 @click.command("tensors")

@@ -13,15 +13,16 @@ from typing import Any, BinaryIO
 
 from apr_format import AprFile, open_apr
 from apr_format.atomic import replacing, replacing_folder
-from apr_format.constants import QUANTIZED_DTYPES
-from apr_format.errors import InvalidArgument, OutputExists, UnsupportedFeature
-from apr_format.fileio import FileRange
+from apr_format.constants import DTYPE_BY_NAME, QUANTIZED_DTYPES
+from apr_format.destination import check_output_file, check_output_folder
+from apr_format.errors import InvalidArgument, UnsupportedFeature
+from apr_format.families import FAMILIES, family_of, is_tied
+from apr_format.fileio import FileRange, equal_chunks
+from apr_format.safetensors_writer import OutTensor, apr_nbytes, file_size, layout, write_safetensors
 
-from .families import FAMILIES, family_of, is_tied
 from .hf_source import INDEX_FILE, SINGLE_FILE
-from .source_files import AprStream, equal_chunks
+from .source_files import AprStream
 from .metadata import HF_FILES, HF_INDEX, SOURCE_METADATA, hf_config_text
-from .safetensors_io import OutTensor, apr_nbytes, file_size, layout, write_safetensors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -88,7 +89,7 @@ def export_apr_to_hf(
     """
     src, out_dir = os.fspath(src), os.fspath(out_dir).rstrip(os.sep) or os.sep
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE, out_dir)
-    _check_folder(out_dir, force)
+    check_output_folder(out_dir, force)
     report = ExportReport(source=src, output=out_dir)
     with open_apr(src, use_mmap=False) as apr, _closing(AprStream(apr)) as stream:
         tensors, report.dropped = _tensors(apr, stream, progress)
@@ -127,7 +128,7 @@ def export_apr_to_safetensors(
     stream = dst if hasattr(dst, "write") else None
     dst_name = getattr(dst, "name", "<stream>") if stream is not None else os.fspath(dst)
     if stream is None:
-        _check_file(dst_name, force)
+        check_output_file(dst_name, force, example="model.safetensors")
     report = ExportReport(source=src, output=str(dst_name))
     with open_apr(src, use_mmap=False) as apr, _closing(AprStream(apr)) as source:
         tensors, report.dropped = _tensors(apr, source, progress)
@@ -152,15 +153,19 @@ def _tensors(apr: AprFile, stream: AprStream, progress: Progress | None) -> tupl
             apr.path, f"tensor {quantized[0]!r} is {apr.info(quantized[0]).dtype}: safetensors cannot hold "
             "quantized tensors (convert from the source without --keep-quant)",
         )
-    head = _head_copy(apr, stream)
+    head = tied_head_copy(apr, stream)
     dropped = [head] if head else []
     infos = [info for info in apr.tensors() if info.name not in dropped]
     total = sum(info.nbytes for info in infos)
-    out = [OutTensor(i.name, i.dtype, i.shape, i.nbytes, _producer(stream, i.name, progress, total)) for i in infos]
+    out = [
+        OutTensor(i.name, DTYPE_BY_NAME[i.dtype].safetensors, i.shape, i.nbytes,
+                  _producer(stream, i.name, progress, total))
+        for i in infos
+    ]
     return out, dropped
 
 
-def _head_copy(apr: AprFile, stream: AprStream) -> str | None:
+def tied_head_copy(apr: AprFile, stream: AprStream) -> str | None:
     """The name of aprender's lm_head copy when the model is tied, else None.
 
     Raises:
@@ -276,24 +281,3 @@ def _write_file(path: str, tensors: list[OutTensor], meta: dict[str, str]) -> No
 def _write_text(path: str, text: str) -> None:
     with open(path, "w", encoding="utf-8", newline="") as out:
         out.write(text)
-
-
-def _check_file(dst: str, force: bool) -> None:
-    if os.path.isdir(dst):
-        raise OutputExists(dst, "is a folder; give a file name such as model.safetensors")
-    if os.path.exists(dst) and not force:
-        raise OutputExists(dst, "already exists (use --force to overwrite)")
-    parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(2, "No such file or directory", parent)
-
-
-def _check_folder(out_dir: str, force: bool) -> None:
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise OutputExists(out_dir, "exists and is not a folder")
-        if os.listdir(out_dir) and not force:
-            raise OutputExists(out_dir, "already exists and is not empty (use --force to replace it)")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(2, "No such file or directory", parent)

@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 
 from apr_format import AprFile, open_apr
-from apr_format.constants import MAGIC, MAGIC_V1
+from apr_format.constants import DTYPE_BY_NAME, MAGIC, MAGIC_V1
+from apr_format.families import FAMILIES, Family, family_of, is_tied, map_config
+from apr_format.fileio import CHUNK, CHUNK_VALUES, equal_chunks
 
-from .dtype_cast import ITEMSIZE, to_float
-from .families import FAMILIES, Family, family_of, is_tied, map_config
+from .dtype_cast import to_float
 from .hf_source import HfSource, open_hf_source
-from .source_files import CHUNK_BYTES, AprStream, equal_chunks
+from .source_files import AprStream
 
 # Keys that say where and when a file was made, not what it holds: reported, never counted.
 IGNORED_KEYS = frozenset(("created_at", "source", "name"))
@@ -27,7 +28,6 @@ ARCH_KEYS = (
     "architecture", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "intermediate_size",
     "max_position_embeddings", "rope_theta", "rms_norm_eps", "head_dim", "tied_embeddings",
 )
-_CHUNK_VALUES = 1024 * 1024
 _SHORT = 120
 
 Progress = Callable[[str, int, int], None]  # (tensor name, its bytes, total bytes)
@@ -156,10 +156,10 @@ class _Side:
     def float_chunks(self, name: str):
         """Float64 chunks of the tensor's values (q4 / q8 dequantized whole)."""
         dtype, _ = self.infos[name]
-        if dtype in ("q4", "q8"):
+        if DTYPE_BY_NAME[dtype].quantized:
             yield self.apr.to_float32(name).reshape(-1).astype(np.float64)
             return
-        for chunk in self.chunks(name, _CHUNK_VALUES * ITEMSIZE[dtype]):
+        for chunk in self.chunks(name, CHUNK_VALUES * DTYPE_BY_NAME[dtype].itemsize):
             yield to_float(chunk, dtype, "<f8")
 
     def close(self) -> None:
@@ -235,7 +235,7 @@ def _compare_names(a: _Side, b: _Side, result: DiffResult) -> None:
         if family.head not in only or family.embed not in side.infos or not side.tied():
             continue
         if side.nbytes(family.head) == side.nbytes(family.embed) and equal_chunks(
-            side.chunks(family.head, CHUNK_BYTES), side.chunks(family.embed, CHUNK_BYTES)
+            side.chunks(family.head, CHUNK), side.chunks(family.embed, CHUNK)
         ):
             only.remove(family.head)
             result.notes.append(
@@ -247,7 +247,7 @@ def _compare_names(a: _Side, b: _Side, result: DiffResult) -> None:
 def _compare_tensor(a: _Side, b: _Side, name: str) -> TensorDiff:
     (dtype_a, shape_a), (dtype_b, shape_b) = a.infos[name], b.infos[name]
     same_layout = dtype_a == dtype_b and shape_a == shape_b
-    identical = same_layout and equal_chunks(a.chunks(name, CHUNK_BYTES), b.chunks(name, CHUNK_BYTES))
+    identical = same_layout and equal_chunks(a.chunks(name, CHUNK), b.chunks(name, CHUNK))
     diff = TensorDiff(name, (dtype_a, dtype_b), (shape_a, shape_b), identical)
     if identical:
         diff.max_abs_diff, diff.rel_l2 = 0.0, 0.0

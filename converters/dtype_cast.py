@@ -6,9 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-FLOAT_DTYPES = ("f32", "f16", "bf16", "f64")
-ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i32": 4, "i64": 8, "i8": 1, "u8": 1}
-_NUMPY = {"f32": "<f4", "f16": "<f2", "f64": "<f8", "i32": "<i4", "i64": "<i8", "i8": "i1", "u8": "u1"}
+from apr_format.constants import DTYPE_BY_NAME
 
 
 def to_float(raw: memoryview | bytes, dtype: str, out: str = "<f4") -> np.ndarray:
@@ -17,20 +15,20 @@ def to_float(raw: memoryview | bytes, dtype: str, out: str = "<f4") -> np.ndarra
         bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return bits.view(np.float32).astype(out, copy=False)
     with np.errstate(over="ignore"):  # f32 -> f16 overflow gives inf, as in torch
-        return np.frombuffer(raw, dtype=_NUMPY[dtype]).astype(out)
+        return np.frombuffer(raw, dtype=DTYPE_BY_NAME[dtype].numpy).astype(out)
 
 
 def cast(raw: memoryview | bytes, src: str, dst: str) -> np.ndarray:
     """A flat array of `dst` values (uint16 bits for bf16) from `src` bytes; round to nearest even."""
     if dst == "bf16":
         return _f32_to_bf16(to_float(raw, src, "<f4"))
-    return to_float(raw, src, _NUMPY[dst])
+    return to_float(raw, src, DTYPE_BY_NAME[dst].numpy)
 
 
 def cast_chunks(chunks: Iterable[memoryview], src: str, dst: str, numel: int) -> np.ndarray:
     """`cast()` of a tensor given as byte chunks (whole elements each), into one preallocated
     array: peak memory is the output plus one chunk's temporaries."""
-    out = np.empty(numel, dtype="<u2" if dst == "bf16" else _NUMPY[dst])
+    out = np.empty(numel, dtype=DTYPE_BY_NAME[dst].numpy)  # bf16: its uint16 bits
     cursor = 0
     for chunk in chunks:
         values = cast(chunk, src, dst)

@@ -8,35 +8,35 @@ import os
 import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from apr_format import AprWriter
 from apr_format.architecture import ArchitectureConfig
+from apr_format.constants import DTYPE_BY_NAME, DTYPES
+from apr_format.destination import check_output_file
+from apr_format.fileio import CHUNK_VALUES
 from apr_format.errors import (
     CorruptMetadata, CorruptSource, InvalidArgument, MissingConfigKey, MissingTensor, ShapeMismatch,
     UnsupportedArchitecture, UnsupportedFeature, VocabMismatch,
 )
+from apr_format.families import (
+    GGUF_ARCHITECTURES, GGUF_CONFIG_DEFAULTS, GGUF_CONFIG_KEYS, GGUF_REQUIRED_KEYS, GGUF_TOKEN_ID_KEYS,
+    expected_tensors, get_family, gguf_to_hf_name, map_config, permute_heads_key,
+)
 from apr_format.sourceio import read_exact
 
 from .dtype_cast import cast
-from .families import expected_tensors, get_family, map_config
-from .gguf_names import (
-    GGUF_ARCHITECTURES, GGUF_CONFIG_DEFAULTS, GGUF_CONFIG_KEYS, GGUF_REQUIRED_KEYS, GGUF_TOKEN_ID_KEYS, hf_name,
-    permute_heads_key,
-)
 from .gguf_tokenizer import tokenizer_files
 from .hf_to_apr import ConversionReport, Progress
 from .metadata import apr_metadata
-from .destination import check_destination
+from .quantize import QuantReport, check_kind, quantizes
 
 OUT_DTYPES = ("bf16", "f16", "f32")
-KEEP_RAW = {"Q4_K": "q4_k", "Q6_K": "q6_k"}  # GGML type -> APR code 12 / 14, bytes unchanged
-_HF_DTYPE = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
-_OUT_NUMPY = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # bf16 as its bit pattern
-_CHUNK_VALUES = 4 * 1024 * 1024  # values dequantized at once: 16 MiB of float32
+# GGML type -> APR dtype with identical block bytes (codes 12 / 14): kept unchanged by --keep-quant.
+KEEP_RAW = {d.gguf: d.name for d in DTYPES.values() if d.quantized and d.gguf}
 _MAX_GGUF_DIMS = 4  # GGML_MAX_DIMS
 _INTEGER_TYPES = frozenset(("I8", "I16", "I32", "I64"))
 _GGUF_MAGIC = b"GGUF"
@@ -70,6 +70,7 @@ def convert_gguf(
     keep_quant: bool = False,
     force: bool = False,
     lm_head_copy: bool = True,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> GgufReport:
     """Write `dst` (.apr) from the GGUF file `src`.
@@ -78,6 +79,7 @@ def convert_gguf(
     family); quantized tensors are dequantized to `dtype`, or with `keep_quant` Q4_K / Q6_K
     are copied raw as APR q4_k / q6_k. A tied model gets `lm_head.weight` as a copy of the
     embedding unless `lm_head_copy` is False. The tokenizer is rebuilt as HF tokenizer.json.
+    `quantize` (q8/q4) packs the tensors aprender quantizes from their float32 values instead.
 
     Raises:
         InvalidArgument, OutputExists, CorruptSource (not GGUF, truncated, inconsistent),
@@ -87,7 +89,10 @@ def convert_gguf(
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype not in OUT_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(OUT_DTYPES)}")
-    check_destination(src, dst, force)
+    check_kind(quantize, dst)
+    if quantize and keep_quant:
+        raise InvalidArgument(src, "--keep-quant and --quantize contradict each other (choose one)")
+    check_output_file(dst, force, src=src)
     reader = open_gguf(src)
     meta = read_metadata(reader, src)
     reader.fields.clear()  # gguf-py keeps numpy arrays per token string; `meta` has the values now
@@ -99,7 +104,7 @@ def convert_gguf(
     family = get_family(GGUF_ARCHITECTURES[arch], src)
     tensors, skipped = _map_tensors(reader, src)
     config = hf_config(meta, arch, tensors, src)
-    config["torch_dtype"] = _HF_DTYPE[dtype]
+    config["torch_dtype"] = DTYPE_BY_NAME[dtype].torch
     warnings = [f"{name} dropped: llama3-style rope scaling is not supported, plain RoPE is used"
                 for name in skipped if name.startswith("rope_freqs")]
     tok = tokenizer_files(meta, src, model_max_length=config["max_position_embeddings"])
@@ -109,7 +114,7 @@ def convert_gguf(
             src, f"tokenizer has {tok.vocab_size} tokens, more than the model's {config['vocab_size']} rows"
         )
     tied = config["tie_word_embeddings"]
-    entries = _plan(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src)
+    entries = _plan(tensors, config, family.name, family.gguf_qk_permuted, dtype, keep_quant, src, quantize)
     param_count = sum(_numel(e.shape) for e in entries)
     if tied and lm_head_copy:
         embed = next(e for e in entries if e.name == _EMBED)
@@ -124,16 +129,19 @@ def convert_gguf(
     kept = [e for e in entries if e.dtype in KEEP_RAW.values()]
     if kept:
         metadata["quantization"] = _quantization(kept)
+    quant = QuantReport.for_plan(quantize, [(e.name, e.dtype) for e in entries])
+    if quant is not None:
+        metadata.update(quant.metadata())
     with AprWriter(dst, metadata, flags=flags, overwrite=force) as writer:
         for entry in entries:
-            writer.add(entry.name, _loader(entry, src, progress, total_size), dtype=entry.dtype, shape=entry.shape)
+            writer.add(entry.name, _loader(entry, src, progress, total_size, quant), dtype=entry.dtype, shape=entry.shape)
     return GgufReport(
         source=src, output=dst, architecture=arch, family=family.name, tensor_count=len(entries),
         param_count=param_count, total_size=total_size, bytes_written=os.path.getsize(dst), dtype=dtype,
         dtypes=dict(sorted(Counter(e.dtype for e in entries).items())), lm_head_copy=tied and lm_head_copy,
         carried_files=sorted(extra_files), warnings=warnings,
         source_types=metadata["gguf_tensor_types"], kept_quantized=len(kept), skipped=skipped,
-        tokenizer=tok.model if tok.files else None,
+        tokenizer=tok.model if tok.files else None, quantization=quant.summary() if quant else None,
     )
 
 
@@ -266,7 +274,7 @@ def _map_tensors(reader: Any, src: str) -> tuple[dict[str, Any], list[str]]:
     mapped: dict[str, Any] = {}
     skipped: list[str] = []
     for t in reader.tensors:
-        name, known = hf_name(t.name)
+        name, known = gguf_to_hf_name(t.name)
         if not known:
             raise UnsupportedArchitecture(
                 src, f"tensor {t.name!r} has no HF name in the GGUF table (unsupported model part)"
@@ -293,8 +301,8 @@ def hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, Any], src: str
         raise MissingConfigKey(src, f"GGUF metadata lacks {', '.join(missing)}")
     if _EMBED not in tensors:
         raise MissingTensor(src, "GGUF has no token_embd.weight (model.embed_tokens.weight)")
-    model_type = GGUF_ARCHITECTURES[arch]
-    config: dict[str, Any] = {"architectures": [get_family(model_type, src).hf_architecture], "model_type": model_type}
+    family = get_family(GGUF_ARCHITECTURES[arch], src)
+    config: dict[str, Any] = {"architectures": [family.hf_architecture], "model_type": family.name}
     for gguf_key, hf_key in GGUF_CONFIG_KEYS.items():
         value = meta.get(f"{arch}.{gguf_key}")
         if isinstance(value, list):
@@ -322,6 +330,8 @@ def hf_config(meta: dict[str, Any], arch: str, tensors: dict[str, Any], src: str
         )
     config["hidden_act"] = "silu"
     config["tie_word_embeddings"] = _HEAD not in tensors
+    if family.attention_bias_key:  # GGUF has no such key: the biases' presence says it
+        config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
     for gguf_key, hf_key in GGUF_TOKEN_ID_KEYS.items():
         value = meta.get(f"tokenizer.ggml.{gguf_key}")
         if isinstance(value, int):
@@ -366,14 +376,15 @@ def _quantization(kept: list[_Entry]) -> dict[str, Any]:
 
 # -- planning and loading ----------------------------------------------------------------------
 def _plan(
-    tensors: dict[str, Any], config: dict, family: str, permuted: bool, dtype: str, keep_quant: bool, src: str
+    tensors: dict[str, Any], config: dict, family: str, permuted: bool, dtype: str, keep_quant: bool, src: str,
+    quantize: str | None = None,
 ) -> list[_Entry]:
     """One entry per HF tensor with its output dtype; names and shapes checked against the family.
 
     Raises:
         MissingTensor, ShapeMismatch, UnsupportedArchitecture (extra tensors), UnsupportedFeature.
     """
-    arch = {**map_config(config), "tie_word_embeddings": config["tie_word_embeddings"]}
+    arch = {**map_config(config), "hf_config": config}
     expected = expected_tensors(family, arch, path=src)
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -392,6 +403,8 @@ def _plan(
             )
         _check_type(t, src)
         out = KEEP_RAW[t.tensor_type.name] if keep_quant and t.tensor_type.name in KEEP_RAW else dtype
+        if quantize is not None and quantizes(name, _numel(shape)):
+            out = quantize
         heads_key = permute_heads_key(name) if permuted else None
         entries.append(_Entry(name, t, shape, out, config[heads_key] if heads_key else None))
     return entries
@@ -411,11 +424,16 @@ def _check_type(t: Any, src: str) -> None:
         ) from None
 
 
-def _loader(entry: _Entry, src: str, progress: Progress | None, total: int) -> Callable[[], np.ndarray]:
+def _loader(
+    entry: _Entry, src: str, progress: Progress | None, total: int, quant: QuantReport | None = None
+) -> Callable[[], np.ndarray | bytes]:
     """Zero-argument producer of one output tensor (called once, while the writer streams)."""
 
-    def load() -> np.ndarray:
-        result = _convert(entry, src)
+    def load() -> np.ndarray | bytes:
+        if quant is not None and entry.dtype == quant.kind:
+            result = quant.pack(entry.name, _convert(replace(entry, dtype="f32"), src), src)
+        else:
+            result = _convert(entry, src)
         if progress is not None:
             progress(entry.name, _nbytes(entry), total)
         return result
@@ -438,9 +456,9 @@ def _convert(entry: _Entry, src: str) -> np.ndarray:
     if entry.dtype in KEEP_RAW.values():
         return np.ascontiguousarray(stored)
     rows = stored.reshape(entry.shape[0] if len(entry.shape) > 1 else 1, -1)
-    out = np.empty(entry.shape, dtype=_OUT_NUMPY[entry.dtype])
+    out = np.empty(entry.shape, dtype=DTYPE_BY_NAME[entry.dtype].numpy)  # bf16 as its bit pattern
     out_rows = out.reshape(rows.shape[0], -1)
-    step = max(1, _CHUNK_VALUES // max(1, out_rows.shape[1]))
+    step = max(1, CHUNK_VALUES // max(1, out_rows.shape[1]))
     for start in range(0, rows.shape[0], step):
         values = gguf.quants.dequantize(rows[start : start + step], t.tensor_type)
         values = np.ascontiguousarray(values, dtype=np.float32)
@@ -471,6 +489,4 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _nbytes(entry: _Entry) -> int:
-    from apr_format import DTYPE_BY_NAME
-
     return DTYPE_BY_NAME[entry.dtype].nbytes_for(_numel(entry.shape))

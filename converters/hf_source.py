@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from apr_format.errors import CorruptSource, MissingTensor
+from apr_format.fileio import CHUNK
 
-from .source_files import CHUNK_BYTES, SourceFiles
+from .source_files import SourceFiles
 from .safetensors_io import MAX_HEADER_SIZE, HeaderEntry, parse_header
 
 CONFIG_FILE = "config.json"
@@ -165,7 +166,7 @@ class HfSource:
         tensor = self._tensor(name)
         return self._files.read(tensor.file, tensor.start, tensor.nbytes)
 
-    def chunks(self, name: str, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
         """The tensor's bytes in chunks of `step` (copies): memory stays at one chunk."""
         tensor = self._tensor(name)
         return self._files.chunks(tensor.file, tensor.start, tensor.nbytes, step)

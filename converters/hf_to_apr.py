@@ -8,19 +8,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from apr_format import AprWriter
-from apr_format.constants import DTYPE_BY_NAME
+from apr_format.constants import DTYPE_BY_NAME, FLOAT_DTYPES
+from apr_format.destination import check_output_file
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch
-from apr_format.fileio import FileRange
+from apr_format.fileio import CHUNK_VALUES, FileRange
+from apr_format.families import Family, expected_tensors, family_of, is_tied, map_config
 
-from .dtype_cast import FLOAT_DTYPES, ITEMSIZE, cast_chunks
-from .families import Family, expected_tensors, family_of, is_tied, map_config
+from .dtype_cast import cast_chunks
 from .hf_source import HfSource, SourceTensor, open_hf_source, read_config
 from .metadata import HF_INDEX, SOURCE_METADATA, apr_metadata
-from .destination import check_destination
+from .quantize import QuantReport, check_kind, quantizes
 
 TARGET_DTYPES = ("f32", "f16", "bf16")
-_CAST_CHUNK_VALUES = 4 * 1024 * 1024
-_TORCH_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 # Called as progress(tensor name, its bytes, total bytes) as each tensor is written.
 Progress = Callable[[str, int, int], None]
@@ -44,6 +43,7 @@ class ConversionReport:
     extra_tensors: list[str] = field(default_factory=list)
     carried_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None  # QuantReport.summary() when --quantize was given
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -70,13 +70,15 @@ def convert_hf_to_apr(
     lm_head_copy: bool = True,
     config_path: str | os.PathLike | None = None,
     compression: str | None = None,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> ConversionReport:
     """Convert an HF checkpoint to .apr, streaming one tensor at a time from the source mapping.
 
     `dtype` (f32/f16/bf16) casts float tensors; None keeps the stored bytes. A tied model gets
     aprender's `lm_head.weight` copy unless `lm_head_copy` is False. `config_path` supplies a
-    config.json for a bare .safetensors file (or overrides the folder's).
+    config.json for a bare .safetensors file (or overrides the folder's). `quantize` (q8/q4)
+    packs the tensors aprender quantizes (see `quantize.quantizes`); the rest keep `dtype`.
 
     Raises:
         OutputExists: `dst` exists and `force` is False.
@@ -86,13 +88,15 @@ def convert_hf_to_apr(
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype is not None and dtype not in TARGET_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(TARGET_DTYPES)}")
-    check_destination(src, dst, force)
+    check_kind(quantize, dst)
+    check_output_file(dst, force, src=src)
     with open_hf_source(src) as source:
         config, config_text = _config(source, config_path)
         family = family_of(config.get("model_type")) if config else None
         extra = _validate(source, config, family) if family else []
-        plan = _plan(source, family, config, dtype, lm_head_copy)
-        if dtype is not None and config is not None and any(p.dtype != p.source.dtype for p in plan):
+        plan = _plan(source, family, config, dtype, lm_head_copy, quantize)
+        quant = QuantReport.for_plan(quantize, [(p.name, p.dtype) for p in plan])
+        if dtype is not None and config is not None and any(p.dtype not in (p.source.dtype, quantize) for p in plan):
             config, config_text = _with_dtype(config, dtype), None
         param_count = sum(t.numel for t in source.tensors.values())
         total_size = sum(p.nbytes for p in plan)
@@ -105,9 +109,11 @@ def convert_hf_to_apr(
             meta[SOURCE_METADATA] = file_meta
         if source.index is not None:
             meta[HF_INDEX] = {"metadata": source.index["metadata"], "weight_map": source.index["weight_map"]}
+        if quant is not None:
+            meta.update(quant.metadata())
         writer = AprWriter(dst, meta, compression=compression, flags=flags, overwrite=force)
         for p in plan:
-            writer.add(p.name, _producer(source, p, progress, total_size), dtype=p.dtype, shape=p.source.shape)
+            writer.add(p.name, _producer(source, p, progress, total_size, quant), dtype=p.dtype, shape=p.source.shape)
         writer.close()
     dtypes: dict[str, int] = {}
     for p in plan:
@@ -118,6 +124,7 @@ def convert_hf_to_apr(
         total_size=total_size, bytes_written=os.path.getsize(dst), dtype=dtype, dtypes=dtypes,
         lm_head_copy=any(p.name != p.source.name for p in plan), extra_tensors=extra,
         carried_files=sorted(source.extra_files), warnings=_warnings(source, config, family),
+        quantization=quant.summary() if quant else None,
     )
 
 
@@ -130,7 +137,7 @@ def _config(source: HfSource, config_path: str | os.PathLike | None) -> tuple[di
 
 def _validate(source: HfSource, config: Mapping[str, Any], family: Family) -> list[str]:
     """Check every tensor the family needs; return the unexpected extra tensors (kept)."""
-    arch = {**family.defaults, **map_config(config), "hf_config": dict(config)}
+    arch = {**family.defaults, **map_config(config, family), "hf_config": dict(config)}
     layers = arch.get("num_layers")
     if isinstance(layers, int) and layers > len(source.tensors):  # before listing billions of names
         raise MissingTensor(source.path, f"the config's {layers} layers need more tensors than the "
@@ -154,25 +161,36 @@ def _validate(source: HfSource, config: Mapping[str, Any], family: Family) -> li
 
 
 def _plan(
-    source: HfSource, family: Family | None, config: Mapping[str, Any] | None, dtype: str | None, lm_head_copy: bool
+    source: HfSource, family: Family | None, config: Mapping[str, Any] | None, dtype: str | None, lm_head_copy: bool,
+    quantize: str | None = None,
 ) -> list[_Planned]:
-    def target(t: SourceTensor) -> str:
-        return dtype if dtype is not None and t.dtype in FLOAT_DTYPES else t.dtype
+    def target(name: str, t: SourceTensor) -> str:
+        if t.dtype not in FLOAT_DTYPES:
+            return t.dtype
+        if quantize is not None and quantizes(name, t.numel):
+            return quantize
+        return dtype if dtype is not None else t.dtype
 
-    plan = [_Planned(name, t, target(t)) for name, t in source.tensors.items()]
+    plan = [_Planned(name, t, target(name, t)) for name, t in source.tensors.items()]
     if (family is not None and lm_head_copy and family.head not in source.tensors
             and is_tied(dict(config or {}), family)):
         embed = source.tensors[family.embed]
-        plan.append(_Planned(family.head, embed, target(embed)))
+        plan.append(_Planned(family.head, embed, target(family.head, embed)))
     return plan
 
 
-def _producer(source: HfSource, p: _Planned, progress: Progress | None, total: int) -> Callable[[], Any]:
+def _producer(
+    source: HfSource, p: _Planned, progress: Progress | None, total: int, quant: QuantReport | None = None
+) -> Callable[[], Any]:
     def produce():
-        if p.dtype == p.source.dtype:  # the stored bytes as they are: copied file to file by the kernel
+        if quant is not None and p.dtype == quant.kind:
+            step = CHUNK_VALUES * DTYPE_BY_NAME[p.source.dtype].itemsize
+            values = cast_chunks(source.chunks(p.source.name, step), p.source.dtype, "f32", p.source.numel)
+            data = quant.pack(p.name, values, source.path)
+        elif p.dtype == p.source.dtype:  # the stored bytes as they are: copied file to file by the kernel
             data = FileRange(p.source.file, p.source.start, p.source.nbytes)
         else:
-            step = _CAST_CHUNK_VALUES * ITEMSIZE[p.source.dtype]
+            step = CHUNK_VALUES * DTYPE_BY_NAME[p.source.dtype].itemsize
             data = cast_chunks(source.chunks(p.source.name, step), p.source.dtype, p.dtype, p.source.numel)
         if progress is not None:
             progress(p.name, p.nbytes, total)
@@ -184,7 +202,7 @@ def _producer(source: HfSource, p: _Planned, progress: Progress | None, total: i
 def _with_dtype(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     """The config with its dtype entry (transformers 4: torch_dtype, 5: dtype) set to `dtype`."""
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
-    return {**config, **{k: _TORCH_NAMES[dtype] for k in keys}}
+    return {**config, **{k: DTYPE_BY_NAME[dtype].torch for k in keys}}
 
 
 def _source_metadata(source: HfSource) -> dict[str, str]:

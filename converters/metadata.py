@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from apr_format.constants import Flag
+from apr_format.families import family_of, hf_keys, is_tied, map_config
 
-from .families import HF_KEYS, family_of, is_tied, map_config
 from .hf_source import json_object
 
 # Custom metadata keys this package writes (spec: "Any other key is a custom key").
@@ -54,7 +54,7 @@ def apr_metadata(
     meta["param_count"] = int(param_count)
     meta["total_size"] = int(total_size)
     if config is not None:
-        arch = map_config(config)
+        arch = map_config(config, family)
         if family is not None:
             for key, value in family.defaults.items():
                 arch.setdefault(key, value)
@@ -109,7 +109,7 @@ def rebuild_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         config["architectures"] = [family.hf_architecture]
         config["tie_word_embeddings"] = is_tied(meta, family)
         config["hidden_act"] = "silu"
-    for apr_key, hf_key in HF_KEYS.items():
+    for apr_key, hf_key in hf_keys(family).items():
         if meta.get(apr_key) is not None:
             config[hf_key] = meta[apr_key]
     return config
@@ -129,9 +129,9 @@ def _chat_keys(files: Mapping[str, str], parsed: Mapping[str, dict[str, Any]]) -
         out["chat_template"] = template
     special = {}
     for key in _SPECIAL_TOKENS:
-        token = _token_text(tok_config.get(key))
+        token = token_text(tok_config.get(key))
         if token is None:
-            token = _token_text(parsed.get("special_tokens_map.json", {}).get(key))
+            token = token_text(parsed.get("special_tokens_map.json", {}).get(key))
         if token is not None:
             special[key] = token
     added = _added_tokens(parsed.get("tokenizer.json", {}))
@@ -169,7 +169,7 @@ def _tokenizer_keys(parsed: Mapping[str, dict[str, Any]], config: Mapping[str, A
         if isinstance(token_id, list) and token_id:  # Llama 3 lists several eos ids
             token_id = token_id[0]
         if not isinstance(token_id, int) or isinstance(token_id, bool):
-            token_id = lookup.get(_token_text(tok_config.get(f"{key}_token")))
+            token_id = lookup.get(token_text(tok_config.get(f"{key}_token")))
         if token_id is not None:
             out[f"tokenizer.{key}_token_id"] = token_id
     return out
@@ -183,7 +183,8 @@ def _added_tokens(tokenizer: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
+    """The text of a special token given as a string or as {"content": ...} (tokenizer_config.json)."""
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):

@@ -7,13 +7,9 @@ import os
 import weakref
 from collections.abc import Iterator
 
-import numpy as np
-
 from apr_format import AprFile, Flag
-from apr_format.fileio import FileRange
+from apr_format.fileio import CHUNK, FileRange
 from apr_format.sourceio import read_exact
-
-CHUNK_BYTES = 16 * 1024 * 1024
 
 
 class SourceFiles:
@@ -42,7 +38,7 @@ class SourceFiles:
             raise ValueError(f"{file} is not open")
         return memoryview(read_exact(fd, start, nbytes, file))
 
-    def chunks(self, file: str, start: int, nbytes: int, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self, file: str, start: int, nbytes: int, step: int = CHUNK) -> Iterator[memoryview]:
         """Successive copies of at most `step` bytes: reading a huge tensor costs one chunk of memory."""
         for offset in range(start, start + nbytes, step):
             yield self.read(file, offset, min(step, start + nbytes - offset))
@@ -75,7 +71,7 @@ class AprStream:
         """Where the tensor's bytes lie in the file, for a kernel-side copy (None when zstd-compressed)."""
         return None if self._compressed else FileRange(*self._range(name))
 
-    def chunks(self, name: str, step: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
         """The tensor's decoded bytes in chunks of `step`."""
         if self._compressed:
             raw = self.apr.raw(name)
@@ -92,19 +88,3 @@ class AprStream:
         """Close our file (the AprFile stays open)."""
         self._files.close()
 
-
-def equal_chunks(a: Iterator[memoryview], b: Iterator[memoryview]) -> bool:
-    """Whether two chunk streams cut at the same sizes hold the same bytes (stops at the first difference)."""
-    for chunk_a, chunk_b in zip(a, b, strict=True):
-        if not _same_bytes(chunk_a, chunk_b):
-            return False
-    return True
-
-
-def _same_bytes(a: memoryview, b: memoryview) -> bool:
-    """Byte equality through numpy, in 8-byte words where possible (memoryview `==` goes element by
-    element: 10x slower)."""
-    if len(a) != len(b):
-        return False
-    word = np.uint64 if len(a) % 8 == 0 else np.uint8
-    return np.array_equal(np.frombuffer(a, dtype=word), np.frombuffer(b, dtype=word))

@@ -1,4 +1,5 @@
-"""Training checkpoints: weights as .apr, training state beside it as safetensors tensors + JSON scalars."""
+"""Training checkpoints: weights as .apr, training state beside it as safetensors tensors + JSON scalars;
+`Checkpointer` saves and restores a run's."""
 
 from __future__ import annotations
 
@@ -6,18 +7,31 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from apr_format import AprWriter, Flag
 from apr_format.atomic import link_into_place, replacing
+from apr_format.constants import DTYPE_BY_NAME
 from apr_format.errors import CorruptSource, InvalidArgument
 
+from . import distributed
+from .optim import schedule_record
 from .state_file import write_tensors
-from .tokenization import carried_tokenizer_text
+from .tokenization import HF_FILES_KEY, TOKENIZER_KEY, carried_tokenizer_text
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .data import TokenDataset
+    from .distributed import DistContext
+    from .inputs import ModelSource
+    from .loop import TrainState
+    from .parallel import Parallel
+    from .precision import Precision
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "final.apr"
@@ -25,8 +39,9 @@ STATE_JSON = ".state.json"  # scalars; written last, so its presence marks a com
 STATE_TENSORS = ".state.safetensors"  # optimizer moments, RNG states, fp32 master weights if needed
 STATE_FORMAT = "apr-train-state"
 STATE_VERSION = 1
+SAMPLER = "seeded-windows-v1"  # windows of step s come from SeedSequence([seed, s]) (data.TokenDataset)
+MASTER_PREFIX = "master."  # fp32 master weights in the state file, when the .apr holds rounded ones
 _STEP_FILE = re.compile(r"^step-(\d+)\.apr$")
-_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 # aprender's runtime looks up lm_head.weight first (spec: "Tied embeddings").
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -51,7 +66,7 @@ def save_weights(
 
     A tied model also gets aprender's `lm_head.weight` copy and `tied_embeddings: true`.
     """
-    torch_dtype = _TORCH_DTYPES[dtype]
+    torch_dtype = DTYPE_BY_NAME[dtype].to_torch()
     meta = dict(metadata)
     tensors = dict(params)
     if tied:
@@ -82,7 +97,23 @@ def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    json_path, tensors_path = state_paths(apr_path)
+    scalars = load_scalars(apr_path)
+    tensors_path = state_paths(apr_path)[1]
+    try:
+        tensors = load_file(os.fspath(tensors_path))
+    except (SafetensorError, OSError) as exc:
+        raise CorruptSource(tensors_path, f"cannot read training state: {exc}") from None
+    return scalars, tensors
+
+
+def load_scalars(apr_path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON scalars saved beside a checkpoint (its commit marker), without the tensors.
+
+    Raises:
+        InvalidArgument: the checkpoint has no training state (weights only: use --init).
+        CorruptSource: unreadable JSON.
+    """
+    json_path = state_paths(apr_path)[0]
     if not json_path.exists():
         raise InvalidArgument(
             apr_path, f"has no training state beside it ({json_path.name}); it holds weights only: "
@@ -96,11 +127,7 @@ def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         raise CorruptSource(json_path, f"not an {STATE_FORMAT} file")
     if scalars.get("version") != STATE_VERSION:
         raise CorruptSource(json_path, f"state version {scalars.get('version')!r}, this apr reads {STATE_VERSION}")
-    try:
-        tensors = load_file(os.fspath(tensors_path))
-    except (SafetensorError, OSError) as exc:
-        raise CorruptSource(tensors_path, f"cannot read training state: {exc}") from None
-    return scalars, tensors
+    return scalars
 
 
 def resolve_resume(path: str | os.PathLike) -> Path:
@@ -122,6 +149,12 @@ def resolve_resume(path: str | os.PathLike) -> Path:
     if not found:
         raise InvalidArgument(root, f"no complete checkpoint (step-*.apr with {STATE_JSON}) under {CHECKPOINT_DIR}/")
     return max(found)[1]
+
+
+def run_dir_of(ckpt: str | os.PathLike) -> Path:
+    """RUN_DIR of RUN_DIR/checkpoints/step-N.apr (the checkpoint's folder otherwise)."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
 
 
 def optimizer_tensors(
@@ -204,3 +237,82 @@ def flags_for(metadata: Mapping[str, Any]) -> int:
     """HAS_VOCAB when the metadata carries a tokenizer (spec: "Tokenizer")."""
     has_vocab = "tokenizer.vocabulary" in metadata or carried_tokenizer_text(metadata) is not None
     return int(Flag.HAS_VOCAB) if has_vocab else 0
+
+
+class Checkpointer:
+    """Saves a run's checkpoints (every rank gathers, the main rank writes) and restores a resumed one.
+
+    It is handed the stateful parts: the wrapped model, the optimizer, and what the files describe
+    (the source's metadata, the config record, the data split).
+    """
+
+    def __init__(self, run_dir: Path, ctx: DistContext, par: Parallel, optimizer: torch.optim.Optimizer,
+                 precision: Precision, config: TrainConfig, config_record: Mapping[str, Any], source: ModelSource,
+                 dataset: TokenDataset, log: Callable[[str], None]) -> None:
+        self.run_dir, self.ctx, self.par, self.optimizer, self.precision = run_dir, ctx, par, optimizer, precision
+        self.config, self.config_record, self.source = config, config_record, source
+        self.dataset, self.log = dataset, log
+        self.names = {p: n for n, p in par.module.named_parameters()}
+        self.replicas: list[str] | None = None
+
+    def restore(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put back fp32 masters (when saved), optimizer moments and RNG states from a checkpoint's state."""
+        masters = {k[len(MASTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASTER_PREFIX)}
+        if masters:
+            self.par.load_full_state_dict(masters)
+        restore_optimizer(self.optimizer, self.names, tensors, self.config.resume or "")
+        restore_rng(tensors, self.ctx.device)
+
+    def save(self, state: TrainState, last: bool) -> Path:
+        """Write RUN_DIR/checkpoints/step-N.apr and its state (collective); the last one checks DDP replicas."""
+        if last:
+            self.replicas = self.par.replica_digests()
+            if self.replicas is not None:
+                self.log(f"replicas: all {len(self.replicas)} ranks hold identical weights "
+                         f"(sha256 {self.replicas[0][:16]}...)")
+        params = self.par.full_state_dict()
+        path = checkpoint_path(self.run_dir, state.step)
+        distributed.run_on_main(self.ctx, partial(self._write, path, state, params, self.replicas if last else None))
+        return path
+
+    def publish_final(self, last: Path) -> Path | None:
+        """RUN_DIR/final.apr from the last checkpoint (main rank; None elsewhere)."""
+        return distributed.run_on_main(self.ctx, lambda: publish_final(last, self.run_dir))
+
+    def _write(self, path: Path, state: TrainState, params: Mapping[str, torch.Tensor],
+               replicas: list[str] | None) -> None:
+        val = state.val_loss if state.val_step == state.step else None
+        config, save = self.config, self.precision.save
+        training = {"step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
+                    "init": config.init, "architecture_source": self.source.label, "seed": config.seed}
+        meta = self._metadata(training)
+        save_weights(path, params, meta, dtype=save, tied=self.source.arch.tie_word_embeddings,
+                     flags=flags_for(meta))
+        tensors = {**optimizer_tensors(self.optimizer, self.names), **rng_tensors(self.ctx.device)}
+        if self.precision.saves_rounded:  # the .apr holds rounded weights; resuming needs the exact ones
+            tensors.update({MASTER_PREFIX + name: p for name, p in params.items()})
+        split = self.dataset.split
+        scalars = {
+            "step": state.step, "tokens_seen": state.tokens_seen, "loss": state.loss, "val_loss": val,
+            "config": dict(self.config_record), "save_dtype": save, "world_size": self.ctx.world_size,
+            "schedule": schedule_record(config, state.step),
+            "data": {"source": self.dataset.stream.source, "num_tokens": len(self.dataset.stream),
+                     "n_train": split.n_train, "n_val": split.n_val, "sampler": SAMPLER, "next_step": state.step},
+            "replica_sha256": replicas,
+        }
+        save_state(path, scalars, tensors)
+
+    def _metadata(self, training: dict[str, Any]) -> dict[str, Any]:
+        """The input's metadata (tokenizer keys included) plus `training`; one spelling of the tie flag.
+
+        aprender writes `tied_embeddings` (spec: "Tied embeddings"); the HF spelling is dropped so
+        the file never carries both.
+        """
+        meta = {k: v for k, v in self.source.metadata.items() if k not in ("training", "tie_word_embeddings")}
+        meta["tied_embeddings"] = self.source.arch.tie_word_embeddings
+        if self.config.tokenizer is not None and carried_tokenizer_text(meta) is None:
+            files = dict(meta.get(HF_FILES_KEY) or {})
+            files[TOKENIZER_KEY] = Path(self.config.tokenizer).read_text(encoding="utf-8")
+            meta[HF_FILES_KEY] = files
+        meta["training"] = training
+        return meta

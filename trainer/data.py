@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import re
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,17 +19,13 @@ from apr_format.atomic import replacing
 from apr_format.errors import CorruptSource, InvalidArgument
 from apr_format.sourceio import read_exact
 
-from .tokenization import TEXT_SUFFIXES, TokenizerInfo, encode_documents, iter_documents, text_files
+from .corpus import KNOWN_SUFFIXES, ReadOptions, find_inputs, input_notes, kind_of, read_pieces
+from .shards import DTYPES, INDEX_NAME, JOB_NAME, SIDECAR_FORMAT, read_index, sidecar_path, token_dtype
+from .tokenization import TokenizerInfo, cuts_at_newlines, encode_pieces, eos_note
 
 TOKEN_SUFFIX = ".bin"
-SIDECAR_FORMAT = "apr-tokens"
-_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _MAX_SCAN = 1 << 24  # elements per chunk when scanning a token file for its largest id
-
-
-def sidecar_path(token_file: str | os.PathLike) -> Path:
-    """`<file>.json` next to a token file (nanoGPT keeps vocab_size beside its .bin the same way)."""
-    return Path(os.fspath(token_file) + ".json")
+_GLOB = re.compile(r"[*?[]")
 
 
 @dataclass(frozen=True)
@@ -75,11 +73,12 @@ class TokenStream:
     """One or more 1-D token arrays (token files or in memory) seen as a single sequence."""
 
     def __init__(self, parts: list[np.ndarray], source: str, info: TokenFileInfo | None = None,
-                 tokenizer: TokenizerInfo | None = None) -> None:
+                 tokenizer: TokenizerInfo | None = None, notes: list[str] | None = None) -> None:
         self.parts = [p for p in parts if len(p)]
         self.source = source
         self.info = info
         self.tokenizer = tokenizer
+        self.notes = notes or []  # log lines about how the data was read
         self._ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -106,31 +105,59 @@ class TokenStream:
 
 
 def open_tokens(path: str | os.PathLike, tokenizer: Callable[[], TokenizerInfo] | None = None) -> TokenStream:
-    """Open training data: a token .bin (sidecar or bare u32), a folder of them, or text.
-
-    Text (.txt, .jsonl with "text", or a folder of them) is tokenized in memory with
-    `tokenizer()`, which is called only when the data is text.
+    """Open training data: token .bin files (sidecar or bare aprender u32) given as a file, a folder, a
+    glob or an `apr tokenize` index.json, memory-mapped; or text (.txt/.md, JSON lines, Parquet,
+    compressed, folders or globs of them), tokenized in memory with `tokenizer()`, called only then.
 
     Raises:
-        InvalidArgument: unknown format, a folder mixing token and text files, text without tokenizer.
-        CorruptSource: a token file whose size or sidecar is inconsistent.
+        InvalidArgument: unknown format, a folder mixing token and text files, an unfinished
+            `apr tokenize` folder, text without tokenizer, no end-of-text token.
+        CorruptSource: a token file whose size or sidecar is inconsistent, text without any token.
     """
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(2, "No such file or directory", os.fspath(root))
+    text = os.fspath(path)
+    root = Path(text)
     if root.is_dir():
+        if (root / INDEX_NAME).is_file():
+            return _open_index(root / INDEX_NAME)
+        if (root / JOB_NAME).is_file():
+            raise InvalidArgument(root, f"`apr tokenize` has not finished this folder (no {INDEX_NAME}); "
+                                        f"finish it with `apr tokenize ... -o {text} --resume`")
         shards = sorted(p for p in root.rglob(f"*{TOKEN_SUFFIX}") if p.is_file())
-        texts = [p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES]
+        texts = [p for p in root.rglob("*") if p.is_file() and kind_of(p) is not None
+                 and not p.name.endswith(f"{TOKEN_SUFFIX}.json")]  # a token file's sidecar is not text
         if shards and texts:
             raise InvalidArgument(root, "folder mixes token files (.bin) and text files; keep one kind per folder")
         if shards:
             return _open_shards(shards, root)
-        return _tokenize_text(root, tokenizer)
-    if root.suffix == TOKEN_SUFFIX:
+        return _tokenize_text(text, tokenizer)
+    if root.name == INDEX_NAME and root.is_file():
+        return _open_index(root)
+    if root.suffix == TOKEN_SUFFIX and root.is_file():
         return _open_shards([root], root)
-    if root.suffix in TEXT_SUFFIXES:
-        return _tokenize_text(root, tokenizer)
-    raise InvalidArgument(root, f"unknown data format {root.suffix!r}: expected .bin tokens, .txt, .jsonl or a folder")
+    if not root.exists() and _GLOB.search(text):
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+        shards = [p for p in matches if p.suffix == TOKEN_SUFFIX]
+        if shards and any(kind_of(p) not in (None, ("jsonl", "")) for p in matches):
+            raise InvalidArgument(text, "matches token files (.bin) and text files; keep one kind per glob")
+        if shards:
+            return _open_shards(shards, root)
+    if not root.exists() and not _GLOB.search(text):
+        raise FileNotFoundError(2, "No such file or directory", text)
+    if root.exists() and kind_of(root) is None:
+        raise InvalidArgument(root, f"unknown data format {''.join(root.suffixes[-2:])!r}: expected .bin tokens, "
+                                    f"an apr tokenize folder or {INDEX_NAME}, or text ({KNOWN_SUFFIXES})")
+    return _tokenize_text(text, tokenizer)
+
+
+def _open_index(path: Path) -> TokenStream:
+    """The shards an `apr tokenize` index lists, each checked against its recorded size."""
+    index = read_index(path)
+    files = [path.parent / entry["file"] for entry in index["shards"]]
+    stream = _open_shards(files, path.parent)
+    for file, entry, part in zip(files, index["shards"], stream.parts, strict=True):
+        if len(part) != entry["num_tokens"]:
+            raise CorruptSource(file, f"holds {len(part)} tokens but {path.name} says {entry['num_tokens']}")
+    return stream
 
 
 def _open_shards(files: list[Path], source: Path) -> TokenStream:
@@ -153,7 +180,7 @@ def open_token_file(path: str | os.PathLike) -> tuple[TokenFile, TokenFileInfo]:
     path = Path(path)
     side = sidecar_path(path)
     info = _read_sidecar(side) if side.exists() else TokenFileInfo(dtype="uint32")
-    dtype = _DTYPES[info.dtype]
+    dtype = DTYPES[info.dtype]
     size = path.stat().st_size
     if size % dtype.itemsize:
         raise CorruptSource(path, f"{size} bytes is not a whole number of {info.dtype} tokens")
@@ -173,8 +200,8 @@ def _read_sidecar(side: Path) -> TokenFileInfo:
     if not isinstance(meta, dict):
         raise CorruptSource(side, "expected a JSON object")
     dtype = meta.get("dtype")
-    if dtype not in _DTYPES:
-        raise CorruptSource(side, f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise CorruptSource(side, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     ints = {}
     for key in ("vocab_size", "num_tokens", "eos_id"):
         value = meta.get(key)
@@ -184,25 +211,29 @@ def _read_sidecar(side: Path) -> TokenFileInfo:
     return TokenFileInfo(dtype=dtype, tokenizer_sha256=meta.get("tokenizer_sha256"), **ints)
 
 
-def _tokenize_text(root: Path, tokenizer: Callable[[], TokenizerInfo] | None) -> TokenStream:
+def _tokenize_text(where: str, tokenizer: Callable[[], TokenizerInfo] | None) -> TokenStream:
     if tokenizer is None:
         raise InvalidArgument(
-            root, "text data needs a tokenizer: pass --tokenizer tokenizer.json or --init a model carrying one"
+            where, "text data needs a tokenizer: pass --tokenizer tokenizer.json or --init a model carrying one"
         )
+    inputs = find_inputs([where])
     info = tokenizer()
-    chunks = list(encode_documents(info, iter_documents(text_files(root))))
+    notes = [*input_notes(inputs), eos_note(info)]
+    if info.eos_id is None:
+        notes[-1] = "warning: " + notes[-1]
+    options = ReadOptions(cut_at_newlines=cuts_at_newlines(info))
+    chunks = [batch.ids for batch in encode_pieces(info, read_pieces(inputs.files, options))]
     tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     if not len(tokens):
-        raise CorruptSource(root, "text holds no tokens")
-    return TokenStream([tokens.astype(np.uint32)], os.fspath(root), tokenizer=info)
+        raise CorruptSource(where, "holds no text (0 tokens)")
+    return TokenStream([tokens.astype(np.uint32)], where, tokenizer=info, notes=notes)
 
 
 def write_token_file(
     path: str | os.PathLike, chunks: Iterable[np.ndarray], vocab_size: int, dtype: str = "auto",
-    extra: dict[str, Any] | None = None, *, overwrite: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stream token ids to `path` and write the `<path>.json` sidecar; both atomically.
-    Without `overwrite` an existing `path` is refused (OutputExists), also one another process writes meanwhile.
 
     `dtype` "auto" picks uint16 when every id < 65536 can be stored, else uint32.
     Returns the sidecar dict.
@@ -210,15 +241,10 @@ def write_token_file(
     Raises:
         InvalidArgument: unknown dtype, or uint16 asked for a vocabulary above 65536.
     """
-    if dtype == "auto":
-        dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
-    if dtype not in _DTYPES:
-        raise InvalidArgument(path, f"unknown token dtype {dtype!r} (choose auto, uint16 or uint32)")
-    if dtype == "uint16" and vocab_size > 1 << 16:
-        raise InvalidArgument(path, f"vocabulary of {vocab_size} does not fit uint16 tokens; use uint32")
-    np_dtype = _DTYPES[dtype]
+    dtype = token_dtype(dtype, vocab_size, path)
+    np_dtype = DTYPES[dtype]
     count, max_id = 0, -1
-    with replacing(path, overwrite=overwrite) as fh:
+    with replacing(path) as fh:
         for chunk in chunks:
             if len(chunk):
                 max_id = max(max_id, int(chunk.max()))
@@ -229,21 +255,6 @@ def write_token_file(
     with replacing(sidecar_path(path)) as fh:
         fh.write(json.dumps(meta, indent=1).encode("utf-8"))
     return meta
-
-
-def tokenize_corpus(
-    source: str | os.PathLike, out: str | os.PathLike, tokenizer: TokenizerInfo, dtype: str = "auto", *,
-    overwrite: bool = True,
-) -> dict[str, Any]:
-    """Tokenize text (.txt, .jsonl, or a folder of them) into a token file + sidecar, streaming.
-
-    Returns the sidecar dict. Raises what `text_files`, `iter_documents` and `write_token_file` raise.
-    """
-    files = text_files(source)
-    chunks = encode_documents(tokenizer, iter_documents(files))
-    extra = {"source": os.fspath(source), "files": len(files), "tokenizer": tokenizer.source,
-             "tokenizer_sha256": tokenizer.sha256, "eos_id": tokenizer.eos_id}
-    return write_token_file(out, chunks, tokenizer.size, dtype, extra, overwrite=overwrite)
 
 
 @dataclass(frozen=True)
@@ -264,9 +275,9 @@ class TokenDataset:
 
     def __init__(self, stream: TokenStream, seq_len: int, val_fraction: float) -> None:
         if not 0.0 < val_fraction < 1.0:
-            raise InvalidArgument("--val-fraction", f"must be between 0 and 1 (exclusive), got {val_fraction}")
+            raise InvalidArgument(None, f"must be between 0 and 1 (exclusive), got {val_fraction}", flag="--val-fraction")
         if seq_len < 1:
-            raise InvalidArgument("--seq-len", f"must be at least 1, got {seq_len}")
+            raise InvalidArgument(None, f"must be at least 1, got {seq_len}", flag="--seq-len")
         n = len(stream)
         window = seq_len + 1
         n_val = max(math.ceil(n * val_fraction), window)
@@ -288,6 +299,21 @@ class TokenDataset:
     def windows(self, starts: Iterable[int]) -> np.ndarray:
         """Token windows [len(starts), seq_len + 1] (int64)."""
         return np.stack([self.stream.slice(int(s), int(s) + self.seq_len + 1) for s in starts])
+
+    def size_warnings(self, windows_per_step: int, val_windows: int) -> list[str]:
+        """Warnings, with the figures, when the data is small for the batch: training windows repeat
+        within a step, or fewer validation windows fit than asked for."""
+        out = []
+        window, distinct = self.seq_len + 1, self.split.n_train - self.seq_len
+        if windows_per_step > distinct:
+            out.append(f"warning: {self.split.n_train:,} training tokens hold {distinct:,} distinct windows of "
+                       f"{window} tokens but each step draws {windows_per_step}: windows repeat within a step")
+        fit = (self.split.n_val - 1) // self.seq_len
+        if fit < val_windows:
+            out.append(f"warning: the {self.split.n_val:,} held-out tokens fit {fit} validation window(s) of "
+                       f"{window} tokens, not the {val_windows} asked (--val-batches x --batch-size); "
+                       f"validation loss is the mean of {fit}")
+        return out
 
     def val_starts(self, max_windows: int) -> np.ndarray:
         """Fixed validation windows: back to back from the start of the held-out split."""

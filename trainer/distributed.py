@@ -49,10 +49,10 @@ def resolve_device(request: str, local_rank: int = 0) -> torch.device:
     if request == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgument(
-                "--device", f"cuda asked for but torch {torch.__version__} sees no CUDA GPU (use --device cpu or auto)"
+                None, f"cuda asked for but torch {torch.__version__} sees no CUDA GPU (use --device cpu or auto)", flag="--device"
             )
         return torch.device("cuda", local_rank)
-    raise InvalidArgument("--device", f"unknown device {request!r} (choose auto, cuda or cpu)")
+    raise InvalidArgument(None, f"unknown device {request!r} (choose auto, cuda or cpu)", flag="--device")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -62,7 +62,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise InvalidArgument(name, f"environment variable is not an integer: {value!r}") from None
+        raise InvalidArgument(None, f"environment variable is not an integer: {value!r}", variable=name) from None
 
 
 def setup(device_request: str) -> DistContext:
@@ -133,3 +133,8 @@ def parameters_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         digest.update(name.encode("utf-8"))
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its job (torchrun's RANK; a plain run is rank 0), before `setup`."""
+    return _env_int("RANK", 0) == 0

@@ -125,7 +125,10 @@ class Backbone(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    """Llama / Qwen2 causal LM whose state_dict keys are exactly the HF (and .apr) tensor names.
+    """Llama / Qwen2 / Mistral causal LM whose state_dict keys are exactly the HF (and .apr) tensor names.
+
+    Attention is plain causal: a sequence longer than a Mistral `sliding_window` is refused
+    (`ArchitectureConfig.check_sequence_length`), never computed with the wrong mask.
 
     A fresh model is initialised like HF: normal(0, 0.02) linear and embedding weights, zero
     biases, ones for the norms. A tied model has no `lm_head` module: the head is the
@@ -157,6 +160,7 @@ class DecoderLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden]."""
+        self.config.check_sequence_length(input_ids.shape[1])
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(self.config, input_ids.shape[1], x.device, x.dtype)
         for layer in self.model.layers:

@@ -6,7 +6,7 @@ import json
 import os
 
 from apr_format.architecture import ArchitectureConfig
-from apr_format.errors import CorruptMetadata, InvalidArgument
+from apr_format.errors import CorruptMetadata, InvalidArchitectureConfig, InvalidArgument
 
 PRESETS: dict[str, ArchitectureConfig] = {
     # aprender's default pretraining architecture (spec: "aprender's training defaults"):
@@ -37,7 +37,9 @@ def preset(name: str) -> ArchitectureConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise InvalidArgument(None, f"unknown architecture preset {name!r}; known: {', '.join(PRESETS)}") from None
+        raise InvalidArgument(
+            None, f"unknown architecture preset {name!r}; known: {', '.join(PRESETS)}", flag="--arch"
+        ) from None
 
 
 def load_arch_config(json_path: str | os.PathLike) -> ArchitectureConfig:
@@ -46,14 +48,18 @@ def load_arch_config(json_path: str | os.PathLike) -> ArchitectureConfig:
     Same rules as `ArchitectureConfig.from_metadata`; `tie_word_embeddings` must be stated.
 
     Raises:
-        CorruptMetadata: not a JSON object. Plus `from_metadata`'s errors and OSError.
+        InvalidArchitectureConfig: not a JSON object, or a value of the wrong type or range.
+        Plus `from_metadata`'s other errors (MissingConfigKey, ...) and OSError.
     """
     with open(json_path, encoding="utf-8") as fh:
         try:
             data = json.load(fh)
         except ValueError as exc:
-            raise CorruptMetadata(json_path, f"not valid JSON ({exc})") from None
+            raise InvalidArchitectureConfig(json_path, f"not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise CorruptMetadata(json_path, f"holds a JSON {type(data).__name__}, expected an object")
-    return ArchitectureConfig.from_metadata({k: v for k, v in data.items() if v is not None}, json_path)
+        raise InvalidArchitectureConfig(json_path, f"holds a JSON {type(data).__name__}, expected an object")
+    try:
+        return ArchitectureConfig.from_metadata({k: v for k, v in data.items() if v is not None}, json_path)
+    except CorruptMetadata as exc:  # the user's file, not a checkpoint's metadata
+        raise InvalidArchitectureConfig(json_path, exc.problem) from None
 

@@ -1,4 +1,4 @@
-"""Tokenizers for training: loading (from an .apr or a tokenizer.json), text -> token ids, vocab checks."""
+"""Tokenizers for training: loading (from an .apr or a tokenizer.json), batched encoding of text pieces, vocab checks."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import numpy as np
 from apr_format import open_apr
 from apr_format.errors import CorruptSource, InvalidArgument, VocabMismatch
 
+from .corpus import Piece, safe_cut
+
 # The source's tokenizer.json text: converters carry it as `hf_files["tokenizer.json"]`; a
 # top-level "tokenizer.json" key is read too.
 TOKENIZER_KEY = "tokenizer.json"
 HF_FILES_KEY = "hf_files"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # names the eos token (HF convention)
-TEXT_SUFFIXES = (".txt", ".jsonl")
-# Text is encoded in pieces of about this many characters (bounded memory on big corpora).
-CHUNK_CHARS = 1 << 20
 # Tried in order when neither the .apr nor the caller names the end-of-document token.
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 
@@ -132,115 +131,77 @@ def _eos_id(tokenizer: Any, meta: Mapping[str, Any] | None) -> int | None:
     return None
 
 
-def text_files(path: str | os.PathLike) -> list[Path]:
-    """The text files `path` stands for: itself, or every .txt/.jsonl below a folder (sorted).
+# Text in one encode_batch call: enough pieces for every core, a bounded number of Encodings alive.
+BATCH_CHARS = 1 << 21
+# Lines a newline cut must not change: words, numbers, punctuation, CJK, emoji, contractions, indentation.
+_CUT_PROBE = (
+    "The miller's cat slept.\nIt was 1234567 days\n(or so) -- \"quoted\"\n\u65e5\u672c\u8a9e\u306e\u6587\n"
+    "emoji \U0001f642 here\n'tis 3.14\n\tcode = x[0]\nend.\n\nNew para\n  indented\nlast"
+)
 
-    Raises:
-        InvalidArgument: a folder without any .txt/.jsonl file.
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Token ids of consecutive pieces, back to back; `lengths[i]` ids belong to `pieces[i]`
+    (the end-of-document id included after a document's last piece)."""
+
+    pieces: list[Piece]
+    ids: np.ndarray  # int64
+    lengths: np.ndarray  # int64
+
+
+def eos_note(info: TokenizerInfo) -> str:
+    """The log line saying what ends each document."""
+    if info.eos_id is None:
+        return f"documents: joined WITHOUT a separator ({info.source} has no end-of-text token)"
+    token = info.tokenizer.id_to_token(info.eos_id)
+    return f"documents: each ends with {token} (id {info.eos_id}); no BOS or template tokens are added"
+
+
+def cuts_at_newlines(info: TokenizerInfo) -> bool:
+    """Whether cutting text after a newline between two non-space characters leaves its ids unchanged.
+
+    True for the byte-level BPE pre-tokenizers of GPT-2, Qwen and Llama 3; False e.g. for a prefix
+    space added to every input, or SentencePiece-style normalizers that see the whole text.
     """
-    root = Path(path)
-    if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise InvalidArgument(root, "folder holds no .txt or .jsonl files")
-        return files
-    return [root]
+    tokenizer, text, parts = info.tokenizer, _CUT_PROBE, []
+    while cut := safe_cut(text, 1, len(text)):
+        parts.append(text[:cut])
+        text = text[cut:]
+    parts.append(text)
+    whole = tokenizer.encode(_CUT_PROBE, add_special_tokens=False).ids
+    pieces = [i for enc in tokenizer.encode_batch(parts, add_special_tokens=False) for i in enc.ids]
+    return len(parts) > 4 and whole == pieces
 
 
-def iter_documents(files: Iterable[Path]) -> Iterator[Iterator[str]]:
-    """Each document as a stream of text pieces: a .txt file is one document, a .jsonl line is one.
-
-    Raises:
-        CorruptSource: a .jsonl line that is not a JSON object with a string "text" field.
+def encode_pieces(info: TokenizerInfo, pieces: Iterable[Piece]) -> Iterator[EncodedBatch]:
+    """Encode pieces with the tokenizer's parallel `encode_batch_fast` (all cores), the end-of-text id
+    after every document (when the tokenizer has one). No BOS/special tokens are added by the
+    post-processor: documents are separated by EOS only (the nanoGPT convention).
     """
-    for file in files:
-        if file.suffix == ".jsonl":
-            yield from _utf8(file, _jsonl_documents(file))
-        else:
-            yield _utf8(file, _text_pieces(file))
+    pending: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        pending.append(piece)
+        size += len(piece.text)
+        if size >= BATCH_CHARS:
+            yield _encode(info, pending)
+            pending, size = [], 0
+    if pending:
+        yield _encode(info, pending)
 
 
-def _utf8(file: Path, items: Iterator[Any]) -> Iterator[Any]:
-    """`items`, with a decoding failure reported as the file's one-line error."""
-    try:
-        yield from items
-    except UnicodeDecodeError as exc:
-        raise CorruptSource(file, f"is not UTF-8 text ({exc.reason} at byte {exc.start} of a read block)") from None
-
-
-def _jsonl_documents(file: Path) -> Iterator[Iterator[str]]:
-    with open(file, encoding="utf-8", newline="") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise CorruptSource(file, f"line {number} is not valid JSON") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise CorruptSource(file, f'line {number} has no string "text" field')
-            yield iter((text,))
-
-
-def _text_pieces(file: Path) -> Iterator[str]:
-    """Read a text file in ~CHUNK_CHARS pieces, cut only inside "X\nY" (X, Y not whitespace).
-
-    Byte-level BPE pre-tokenizers (GPT-2, Qwen, Llama 3) never join such a newline with the
-    word after it, so encoding the pieces separately gives the ids of the whole file.
-    """
-    with open(file, encoding="utf-8", newline="") as fh:  # newline="": "\r\n" stays as written
-        carry = ""
-        while True:
-            block = fh.read(CHUNK_CHARS)
-            text = carry + block
-            if not block:
-                if text:
-                    yield text
-                return
-            cut = _cut_point(text)
-            if cut:
-                yield text[:cut]
-            carry = text[cut:]
-
-
-def _cut_point(text: str) -> int:
-    """The last position just after a newline with non-whitespace on both sides (0: none)."""
-    pos = len(text) - 1
-    while True:
-        pos = text.rfind("\n", 1, pos)
-        if pos < 0:
-            return 0
-        if not text[pos - 1].isspace() and not text[pos + 1].isspace():
-            return pos + 1
-
-
-def encode_documents(
-    info: TokenizerInfo, documents: Iterable[Iterator[str]], batch: int = 64
-) -> Iterator[np.ndarray]:
-    """Token ids (int64 arrays) of each piece of each document; the EOS id follows every document.
-
-    No BOS/special tokens are added by the tokenizer's post-processor: documents are separated
-    by EOS only (the nanoGPT convention), so the stream is the same whatever the template.
-    """
-    eos = np.array([info.eos_id], dtype=np.int64) if info.eos_id is not None else None
-    pending: list[str] = []
-
-    def flush() -> Iterator[np.ndarray]:
-        encodings = info.tokenizer.encode_batch(pending, add_special_tokens=False)
-        pending.clear()
-        for enc in encodings:
-            yield np.asarray(enc.ids, dtype=np.int64)
-
-    for document in documents:
-        for piece in document:
-            pending.append(piece)
-            if len(pending) >= batch:
-                yield from flush()
-        if pending:
-            yield from flush()
-        if eos is not None:
-            yield eos
+def _encode(info: TokenizerInfo, pieces: list[Piece]) -> EncodedBatch:
+    encodings = info.tokenizer.encode_batch_fast([p.text for p in pieces], add_special_tokens=False)
+    eos = info.eos_id
+    lengths = np.empty(len(pieces), dtype=np.int64)
+    ids: list[int] = []
+    for k, (piece, enc) in enumerate(zip(pieces, encodings, strict=True)):
+        ids += enc.ids
+        if piece.ends_document and eos is not None:
+            ids.append(eos)
+        lengths[k] = len(enc.ids) + (piece.ends_document and eos is not None)
+    return EncodedBatch(pieces, np.array(ids, dtype=np.int64), lengths)
 
 
 def check_vocab(

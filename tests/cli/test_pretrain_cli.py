@@ -104,34 +104,37 @@ def test_an_existing_run_is_never_overwritten(tiny, tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
-def test_tokenize_writes_tokens_and_sidecar(fixture_model, tmp_path):
+def test_tokenize_writes_shards_and_index(fixture_model, tmp_path):
     from tokenizers import Tokenizer
 
-    out = tmp_path / "corpus.bin"
-    meta = json.loads(run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", out, "--from", fixture_model,
-                              "--json", check=True).stdout)
-    tokens, info = open_token_file(out)
+    out = tmp_path / "corpus"
+    index = json.loads(run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", out, "--from", fixture_model,
+                               "--shard-tokens", "4K", "--json", check=True).stdout)
     tok = Tokenizer.from_file(str(FIXTURES / "tiny-qwen2-hf" / "tokenizer.json"))
     text = (FIXTURES / "tiny-corpus.txt").read_text()
     eos = tok.token_to_id("<|im_end|>")  # the model's eos (tokenizer_config.json, generation_config.json)
-    assert tokens.tolist() == tok.encode(text, add_special_tokens=False).ids + [eos] and meta["eos_id"] == eos
-    assert meta["dtype"] == info.dtype == "uint16" and meta["vocab_size"] == tok.get_vocab_size(True)
-    run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", tmp_path / "again.bin",
-                   "--tokenizer", FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", check=True)
-    assert (tmp_path / "again.bin").read_bytes() == out.read_bytes()  # tokenizer_config.json beside it names eos
+    want = tok.encode(text, add_special_tokens=False).ids + [eos]
+    shards = [open_token_file(out / entry["file"]) for entry in index["shards"]]
+    assert [i for tokens, _ in shards for i in tokens.tolist()] == want and index["eos_id"] == eos
+    assert [len(tokens) for tokens, _ in shards[:-1]] == [4000] * (len(shards) - 1) and len(shards) > 2
+    assert index["dtype"] == shards[0][1].dtype == "uint16" and index["vocab_size"] == tok.get_vocab_size(True)
+    run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", tmp_path / "again", "--shard-tokens", "4000",
+            "--tokenizer", FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", check=True)
+    for entry in index["shards"]:  # tokenizer_config.json beside tokenizer.json names the same eos
+        assert (tmp_path / "again" / entry["file"]).read_bytes() == (out / entry["file"]).read_bytes()
     refused = run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", out, "--from", fixture_model)
-    assert refused.returncode == 2 and "exists (use --force to overwrite)" in refused.stderr
-    both = run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", tmp_path / "x.bin")
+    assert refused.returncode == 2 and "exists and is not empty (use --resume" in refused.stderr
+    both = run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", tmp_path / "x")
     assert both.returncode == 2 and "give exactly one of --tokenizer" in both.stderr
 
 
 def test_fixture_model_trains_on_text_and_on_its_token_file(fixture_model, tmp_path):
     """The demo path: convert, tokenize once, train; text with the carried tokenizer gives the same start."""
-    run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", tmp_path / "corpus.bin", "--from", fixture_model,
-            check=True)
+    run_apr("tokenize", FIXTURES / "tiny-corpus.txt", "-o", tmp_path / "corpus", "--from", fixture_model,
+            "--shard-tokens", "1000", check=True)  # shards smaller than a batch (8 x 65 tokens)
     flags = ["--steps", "20", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup", "2",
              "--val-every", "0", "--device", "cpu", "--json"]
-    from_bin = json.loads(run_apr("pretrain", "--init", fixture_model, "--data", tmp_path / "corpus.bin",
+    from_bin = json.loads(run_apr("pretrain", "--init", fixture_model, "--data", tmp_path / "corpus",
                                   "--out", tmp_path / "bin", *flags, check=True).stdout)
     text = run_apr("pretrain", "--init", fixture_model, "--data", FIXTURES / "tiny-corpus.txt",
                    "--out", tmp_path / "txt", *flags, check=True)

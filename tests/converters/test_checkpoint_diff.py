@@ -80,8 +80,8 @@ def test_chunked_compare_matches_whole(monkeypatch, tmp_path):
     b[5, 5] = np.nan
     save_apr(tmp_path / "a.apr", {"t": a})
     save_apr(tmp_path / "b.apr", {"t": b})
-    monkeypatch.setattr(diff_module, "_CHUNK_VALUES", 10)
-    monkeypatch.setattr(diff_module, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(diff_module, "CHUNK_VALUES", 10)
+    monkeypatch.setattr(diff_module, "CHUNK", 64)
     save_apr(tmp_path / "a2.apr", {"t": a})
     assert diff_checkpoints(tmp_path / "a.apr", tmp_path / "a2.apr").identical
     b2 = a.copy()

@@ -9,7 +9,7 @@ import pytest
 
 from apr_format import Flag, open_apr
 from apr_format.errors import MissingConfigKey, UnsupportedArchitecture
-from apr_converters.families import CONFIG_KEYS, FAMILIES, expected_tensors, map_config
+from apr_format.families import CONFIG_KEYS, FAMILIES, expected_tensors, map_config
 from apr_converters.hf_to_apr import convert_hf_to_apr
 from apr_converters.metadata import apr_metadata, config_json, rebuild_config
 
@@ -91,7 +91,7 @@ def test_rebuilt_config_uses_hf_key_names():
 
 
 def test_tables_are_data():
-    assert set(FAMILIES) == {"qwen2", "llama"}
+    assert set(FAMILIES) == {"qwen2", "llama", "mistral"}
     assert FAMILIES["qwen2"].attention_bias and not FAMILIES["llama"].attention_bias
     assert all(f.rope_type == 2 for f in FAMILIES.values())
     assert CONFIG_KEYS["num_hidden_layers"] == "num_layers"

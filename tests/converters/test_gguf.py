@@ -14,7 +14,7 @@ import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from apr_format import Flag, open_apr
-from apr_testing import run_apr, run_apr_json
+from apr_testing import llama_permute, run_apr, run_apr_json
 from apr_format.errors import (
     AprError, CorruptSource, MissingConfigKey, MissingTensor, OutputExists, Truncated, UnsupportedArchitecture,
 )
@@ -33,12 +33,6 @@ PRE_OF = {"llama": "gpt2", "qwen2": "qwen2"}  # tokenizer.ggml.pre written for e
 
 
 # -- GGUF writing, as llama.cpp's convert_hf_to_gguf.py does it ----------------------------------
-def llama_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's LlamaModel.permute (HF rotate-half rows -> GGML adjacent pairs)."""
-    grouped = weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-    return grouped.swapaxes(1, 2).reshape(weights.shape)
-
-
 # Pre-tokenization as the HF tokenizer.json of each model spells it, by tokenizer.ggml.pre.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -304,11 +298,13 @@ def test_sentencepiece_vocabulary_is_rebuilt_with_merges_and_byte_fallback():
     assert tok.decode(accented, skip_special_tokens=True) == "the caté"
 
 
-def test_keep_quant_copies_k_quant_rows_raw(tmp_path):
-    """--keep-quant: Q4_K / Q6_K bytes stored as APR q4_k / q6_k, q/k rows un-permuted as whole rows."""
-    hidden, heads, kv_heads, ffn, vocab = 256, 4, 2, 256, 64
+K_QUANT_SIZES = dict(hidden=256, heads=4, kv_heads=2, ffn=256, vocab=64)
+
+
+def write_k_quant_gguf(path: Path) -> dict[str, np.ndarray]:
+    """A one-layer llama GGUF of random Q4_K / Q6_K matrices (F32 norms); returns the raw blocks."""
+    hidden, heads, kv_heads, ffn, vocab = K_QUANT_SIZES.values()
     rng = np.random.default_rng(0)
-    path = tmp_path / "k.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     for add, value in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, hidden),
                        (w.add_feed_forward_length, ffn), (w.add_head_count, heads), (w.add_head_count_kv, kv_heads),
@@ -330,7 +326,14 @@ def test_keep_quant_copies_k_quant_rows_raw(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return raw
 
+
+def test_keep_quant_copies_k_quant_rows_raw(tmp_path):
+    """--keep-quant: Q4_K / Q6_K bytes stored as APR q4_k / q6_k, q/k rows un-permuted as whole rows."""
+    hidden, heads, kv_heads = K_QUANT_SIZES["hidden"], K_QUANT_SIZES["heads"], K_QUANT_SIZES["kv_heads"]
+    path = tmp_path / "k.gguf"
+    raw = write_k_quant_gguf(path)
     report = convert_gguf(path, tmp_path / "raw.apr", keep_quant=True)
     convert_gguf(path, tmp_path / "f32.apr", dtype="f32")
     assert report.kept_quantized == 9 and report.dtypes == {"bf16": 3, "q4_k": 7, "q6_k": 2}
@@ -461,7 +464,7 @@ def test_row_chunks_give_the_same_bytes(hf_llama, tmp_path, monkeypatch):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32)
     src = write_gguf(tmp_path / "m.gguf", model, Q.Q8_0)
     convert_gguf(src, tmp_path / "whole.apr")
-    monkeypatch.setattr(gguf_to_apr, "_CHUNK_VALUES", 3 * 64)  # 3 rows of 64 per chunk: ragged last chunk
+    monkeypatch.setattr(gguf_to_apr, "CHUNK_VALUES", 3 * 64)  # 3 rows of 64 per chunk: ragged last chunk
     convert_gguf(src, tmp_path / "chunked.apr")
     with open_apr(tmp_path / "whole.apr") as a, open_apr(tmp_path / "chunked.apr") as b:
         assert a.keys() == b.keys()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import filecmp
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +11,9 @@ import pytest
 from apr_format import Flag, open_apr
 from apr_converters.apr_to_hf import export_apr_to_hf
 from apr_converters.hf_to_apr import convert_hf_to_apr
+from apr_testing import assert_same_folder
 
 ALIASES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "n_layer")
-
-
-def assert_same_folder(source: Path, exported: Path) -> None:
-    """Every file of the source folder comes back byte for byte, and nothing else appears."""
-    assert sorted(os.listdir(exported)) == sorted(os.listdir(source))
-    for name in os.listdir(source):
-        assert filecmp.cmp(source / name, exported / name, shallow=False), name
 
 
 @pytest.mark.parametrize("fixture", ["hf_qwen2", "hf_llama", "hf_qwen2_bf16", "hf_qwen2_sharded", "hf_llama_sharded"])
@@ -119,7 +111,7 @@ def test_dtype_cast_matches_torch(hf_qwen2, tmp_path, monkeypatch):
 
     from apr_converters import hf_to_apr
 
-    monkeypatch.setattr(hf_to_apr, "_CAST_CHUNK_VALUES", 1000)  # cast in many chunks
+    monkeypatch.setattr(hf_to_apr, "CHUNK_VALUES", 1000)  # cast in many chunks
 
     originals = load_file(hf_qwen2 / "model.safetensors")
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):

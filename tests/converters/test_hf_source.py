@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from apr_format.errors import AprError, CorruptSource, Truncated, UnknownDType
 from apr_converters.hf_source import SourceTensor, open_hf_source
-from apr_converters.safetensors_io import OutTensor, parse_header, write_safetensors
+from apr_converters.safetensors_io import parse_header
+from apr_format.safetensors_writer import OutTensor, write_safetensors
 
 
 def st_file(header: dict, data: bytes = b"") -> bytes:
@@ -124,7 +125,7 @@ def test_writer_output_is_read_by_safetensors(tmp_path):
 
     arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.arange(3, dtype=np.int64),
               "c": np.arange(5, dtype=np.uint8), "d": np.zeros((0, 4), dtype=np.float16)}
-    tensors = [OutTensor(n, {"float32": "f32", "int64": "i64", "uint8": "u8", "float16": "f16"}[a.dtype.name],
+    tensors = [OutTensor(n, {"float32": "F32", "int64": "I64", "uint8": "U8", "float16": "F16"}[a.dtype.name],
                          a.shape, a.nbytes, lambda a=a: memoryview(a.tobytes())) for n, a in arrays.items()]
     with open(tmp_path / "w.safetensors", "wb") as out:
         write_safetensors(out, tensors, {"format": "pt"})

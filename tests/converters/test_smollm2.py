@@ -53,3 +53,29 @@ def test_pretrain_init_starts_from_trained_weights(smollm2, tmp_path):
     assert losses["init_val_loss"] < 6.0
     assert losses["random_val_loss"] > 9.0
     assert abs(losses["random_val_loss"] - math.log(49152)) < 1.0
+
+
+_qspec = importlib.util.spec_from_file_location("smollm2_quant_export", ROOT / "benchmarks" / "smollm2_quant_export.py")
+quant_export = importlib.util.module_from_spec(_qspec)
+_qspec.loader.exec_module(quant_export)
+
+
+def test_q8_and_q4_keep_the_perplexity_close(smollm2, tmp_path):
+    """Two 256-token windows of the corpus (the benchmark script measures the whole corpus)."""
+    gguf = smollm2[0]
+    figures = quant_export.quantization(gguf, tmp_path, seq_len=256, max_windows=2)
+    for kind in ("q8", "q4"):
+        assert figures[kind]["quantized"] == 212 and figures[kind]["kept_float"] == 61  # 30 x 7 + embed + head
+    assert abs(figures["q8"]["perplexity_change"]) < 0.1  # 6 x 512 tokens: +3.8 % (docs/convert.md)
+    assert figures["q8"]["perplexity_change"] < figures["q4"]["perplexity_change"] < 0.5  # 6 x 512: +24.7 %
+    assert figures["q8"]["rel_l2_error"] < figures["q4"]["rel_l2_error"] < 0.2
+
+
+def test_f16_and_bf16_gguf_exports_generate_the_same_16_tokens(smollm2, tmp_path):
+    _, apr, folder, _ = smollm2
+    figures = quant_export.gguf_export(apr, folder, tmp_path)
+    assert figures["reference_text"].startswith(" Paris")
+    assert figures["bf16"]["same_tokens"] and figures["bf16"]["max_logits_diff"] == 0.0  # lossless
+    assert figures["f16"]["same_tokens"], figures["f16"]["text"]
+    assert figures["bf16"]["types"] == {"BF16": 211, "F32": 61}  # lm_head copy left out: llama.cpp ties
+    assert figures["f16"]["types"] == {"F16": 211, "F32": 61}

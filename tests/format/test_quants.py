@@ -1,7 +1,10 @@
-"""q4 / q8 dequantization against a per-element reference, legacy dtype codes, unsupported k-quants."""
+"""q4 / q8 packing and dequantization against per-element references (aprender's loops), legacy codes, k-quants."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import struct
 import zlib
 
@@ -10,6 +13,7 @@ import pytest
 
 from apr_format import AprWriter, errors, open_apr
 from apr_format.quants import dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
+from apr_testing import GOLDEN
 from apr_format.validate import validate_file
 
 F16_MIN_NORMAL = 2.0**-14
@@ -77,6 +81,110 @@ def test_q8_matches_reference(numel, scale):
         got = dequantize_q8(raw, numel)
         want = reference_q8(raw, numel)
     np.testing.assert_array_equal(got, want)
+
+
+def _round_away(x: np.float32) -> int:
+    """Rust's f32::round: ties away from zero (exact: an f32 plus 0.5 is exact in float64)."""
+    return int(math.copysign(math.floor(abs(float(x)) + 0.5), float(x)))
+
+
+def aprender_q8(values: np.ndarray) -> bytes:
+    """AprV2Writer::add_q8_tensor, element by element as the Rust loop does it."""
+    flat = [np.float32(v) for v in np.asarray(values, np.float32).reshape(-1)]
+    max_abs = max((abs(v) for v in flat), default=np.float32(0))
+    scale = np.float32(1) if max_abs == 0 else np.float32(max_abs / np.float32(127))
+    out = bytearray(struct.pack("<f", scale))
+    for v in flat:
+        out += struct.pack("b", min(127, max(-127, _round_away(np.float32(v / scale)))))
+    return bytes(out)
+
+
+def aprender_q4(values: np.ndarray) -> bytes:
+    """AprV2Writer::add_q4_tensor, block by block and element by element."""
+    flat = np.asarray(values, np.float32).reshape(-1)
+    out = bytearray()
+    for start in range(0, flat.size, 32):
+        block = flat[start : start + 32]
+        max_abs = np.float32(np.abs(block).max())
+        scale = np.float32(1) if max_abs == 0 else np.float32(max_abs / np.float32(7))
+        out += np.float16(scale).astype("<f2").tobytes()
+        packed = bytearray(16)
+        for i, v in enumerate(block):
+            nibble = (min(7, max(-8, _round_away(np.float32(v / scale)))) + 8) & 0x0F
+            packed[i // 2] |= nibble if i % 2 == 0 else nibble << 4
+        out += packed
+    return bytes(out)
+
+
+# Values with exact .5 ties (rint rounds them to even, aprender away from zero), zeros, a lone
+# outlier, tiny magnitudes, odd lengths that end in a partial q4 block.
+PACK_CASES = {
+    "ties": np.array([0.5, 1.5, 2.5, -2.5, -0.5, 3.5, 7.0, -7.0] * 5, np.float32),
+    "normal": np.random.default_rng(1).standard_normal(333).astype(np.float32),
+    "outlier": np.concatenate([np.full(40, 0.01, np.float32), [50.0]]).astype(np.float32),
+    "zeros": np.zeros(70, np.float32),
+    "tiny": (np.random.default_rng(2).standard_normal(64) * 1e-5).astype(np.float32),
+    "one": np.array([-3.0], np.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PACK_CASES))
+def test_packing_is_aprenders_byte_for_byte(case):
+    values = PACK_CASES[case]
+    assert quantize_q8(values) == aprender_q8(values)
+    assert quantize_q4(values) == aprender_q4(values)
+
+
+def test_ties_round_away_from_zero_like_rust():
+    values = np.array([2.5, -2.5, 0.5, 7.0], np.float32)  # scale 1.0: q = 2.5 -> 3 (rint would give 2)
+    q4 = np.frombuffer(quantize_q4(values), np.uint8)
+    assert [q4[2] & 0x0F, q4[2] >> 4, q4[3] & 0x0F, q4[3] >> 4] == [3 + 8, -3 + 8, 1 + 8, 7 + 8]
+
+
+@pytest.mark.parametrize("case", sorted(PACK_CASES))
+def test_packed_values_decode_within_half_a_step(case):
+    """Decoded by the independent per-element readers above: q8 within half a step of its one
+    scale; q4 within half a step of each block's stored f16 scale plus that scale's rounding."""
+    values = PACK_CASES[case]
+    q8 = reference_q8(quantize_q8(values), values.size)
+    scale8 = np.abs(values).max() / 127 if np.any(values) else 1.0
+    assert np.abs(q8 - values).max() <= scale8 / 2 * (1 + 1e-6)
+    raw = quantize_q4(values)
+    q4 = reference_q4(raw, values.size)
+    for b, start in enumerate(range(0, values.size, 32)):
+        block = values[start : start + 32]
+        exact = np.abs(block).max() / 7
+        stored = np.frombuffer(raw[b * 18 : b * 18 + 2], "<f2")[0].astype(np.float64)
+        bound = exact / 2 + 8 * abs(stored - exact) if stored >= F16_MIN_NORMAL else np.abs(block).max()
+        assert np.abs(q4[start : start + 32] - block).max() <= bound * (1 + 1e-6) + 1e-12, (case, b)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama.apr", "tiny-qwen2.apr"])
+def test_golden_models_quantize_within_bounds_of_their_expected_sums(name):
+    """Every float tensor of a golden model, packed and decoded by the per-element readers: the
+    decoded sum stays within n x half a step of expected.json's sum_f32."""
+    expected = json.loads((GOLDEN / "expected.json").read_text())[name]["tensors"]
+    with open_apr(GOLDEN / name) as f:
+        for tensor, want in expected.items():
+            values = f.to_float32(tensor).reshape(-1)
+            assert hashlib.sha256(f.raw(tensor)).hexdigest() == want["sha256"]
+            for pack, decode, step in ((quantize_q8, reference_q8, 127), (quantize_q4, reference_q4, 7)):
+                decoded = decode(pack(values), values.size).astype(np.float64)
+                half_step = np.abs(values).max() / step / 2 * 1.01 + 1e-6
+                assert abs(decoded.sum() - want["sum_f32"]) <= values.size * half_step, (tensor, step)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_are_refused(bad):
+    values = np.array([1.0, bad, 2.0], np.float32)
+    for pack in (quantize_q8, quantize_q4):
+        with pytest.raises(errors.NotQuantizable, match=r"^m.apr: tensor 'w': 1 of 3 values are NaN or Inf"):
+            pack(values, where="m.apr: tensor 'w'")
+
+
+def test_q4_scale_beyond_f16_is_refused():
+    with pytest.raises(errors.NotQuantizable, match=r"\|x\| = 1e\+06, beyond what an f16 scale can hold"):
+        quantize_q4(np.array([1e6, 1.0], np.float32))
 
 
 def test_quantizers_invert_dequantizers():

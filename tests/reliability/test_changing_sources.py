@@ -19,8 +19,7 @@ from apr_format.errors import Truncated
 from apr_format.init_tensors import load_init_tensors
 from apr_trainer.data import write_token_file
 
-from apr_testing import FIXTURES
-from conftest import leftovers, one_line_error, run_cli
+from apr_testing import FIXTURES, leftovers, one_line_error, run_apr
 
 # Truncate TARGET (to half its size, or to 100 bytes) just before the first pread of it that `WHEN` picks.
 CUT = """
@@ -44,12 +43,12 @@ def model(tmp_path) -> Path:
     """A fresh copy of the tiny model as .apr (each test cuts its own)."""
     path = tmp_path / "src" / "model.apr"
     path.parent.mkdir()
-    assert run_cli("convert", FIXTURES / "tiny-qwen2-hf", "-o", path, "-q").returncode == 0
+    assert run_apr("convert", FIXTURES / "tiny-qwen2-hf", "-o", path, "-q").returncode == 0
     return path
 
 
 def cut_run(target: Path, when: str, *args) -> object:
-    return run_cli(*args, prelude=CUT.format(target=str(target), when=when))
+    return run_apr(*args, prelude=CUT.format(target=str(target), when=when))
 
 
 def check_error(proc, target: Path) -> None:
@@ -67,7 +66,7 @@ def test_convert_source_cut(tmp_path):
     check_error(proc, src / "model.safetensors")
     assert not dest.exists() and leftovers(dest.parent) == []
     shutil.copyfile(FIXTURES / "tiny-qwen2-hf" / "model.safetensors", src / "model.safetensors")
-    assert run_cli("convert", src, "-o", dest, "-q").returncode == 0 and leftovers(dest.parent) == []
+    assert run_apr("convert", src, "-o", dest, "-q").returncode == 0 and leftovers(dest.parent) == []
 
 
 @pytest.mark.parametrize("output", ["hf", "m.safetensors"])
@@ -80,7 +79,7 @@ def test_export_source_cut(model, output, tmp_path):
 
 def test_diff_source_cut(model, tmp_path):
     other = tmp_path / "other.apr"
-    assert run_cli("convert", FIXTURES / "tiny-qwen2-hf", "-o", other, "--dtype", "f32", "-q").returncode == 0
+    assert run_apr("convert", FIXTURES / "tiny-qwen2-hf", "-o", other, "--dtype", "f32", "-q").returncode == 0
     check_error(cut_run(model, "data", "diff", other, model), model)
 
 

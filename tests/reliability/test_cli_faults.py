@@ -15,8 +15,7 @@ import pytest
 
 from apr_cli.main import COMMANDS
 
-from apr_testing import APR_COMMAND, FIXTURES
-from conftest import TEMP_NAME, apr_env, leftovers, one_line_error, run_cli
+from apr_testing import APR_COMMAND, FIXTURES, TEMP_NAME, apr_env, leftovers, one_line_error, run_apr
 
 
 HF = FIXTURES / "tiny-qwen2-hf"
@@ -55,7 +54,7 @@ def files(tmp_path_factory) -> Files:
     f = Files(root)
     p = f.paths
     p["apr"] = root / "model.apr"
-    assert run_cli("convert", HF, "-o", p["apr"], "-q").returncode == 0
+    assert run_apr("convert", HF, "-o", p["apr"], "-q").returncode == 0
     p["hf"] = HF
     p["tokenizer"] = TOKENIZER
     p["corpus"] = CORPUS
@@ -216,22 +215,28 @@ MATRIX: dict[str, dict[str, Case]] = {
         "no run": Case(("plot", "-o", "{out_dir}/c.png"), "apr plot", words="RUN_DIR"),
     },
     "tokenize": {
-        "missing input": Case(("tokenize", "{missing}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
+        "missing input": Case(("tokenize", "{missing}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
                               "{missing}"),
-        "empty folder": Case(("tokenize", "{empty_dir}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
+        "empty folder": Case(("tokenize", "{empty_dir}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
                              "{empty_dir}"),
-        "binary input": Case(("tokenize", "{noise}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
+        "binary input": Case(("tokenize", "{noise}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
                              "{noise}"),
-        "broken tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{noise_json}"),
+        "broken tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{noise_json}"),
                                  "{noise_json}"),
-        "missing tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{missing}"),
+        "missing tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{missing}"),
                                   "{missing}"),
-        "both tokenizers": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}",
+        "both tokenizers": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}",
                                  "--from", "{apr}"), "--tokenizer", words="exactly one"),
-        "no tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin"), "--tokenizer", words="exactly one"),
-        "output exists": Case(("tokenize", "{corpus}", "-o", "{tokens}", "--tokenizer", "{tokenizer}"), "{tokens}",
+        "no tokenizer": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t"), "--tokenizer", words="exactly one"),
+        "output exists": Case(("tokenize", "{corpus}", "-o", "{hf}", "--tokenizer", "{tokenizer}"), "{hf}",
                               words="--force"),
-        **writer_faults(lambda out: ("tokenize", "{corpus}", "-o", out, "--tokenizer", "{tokenizer}"), "t.bin"),
+        "output is a token file": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t.bin", "--tokenizer", "{tokenizer}"),
+                                       "{out_dir}/t.bin", words="writes a folder of shards"),
+        "bad shard size": Case(("tokenize", "{corpus}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}",
+                                "--shard-tokens", "lots"), "--shard-tokens", words="expected a count like 100M"),
+        # A missing output folder is created (with its parents, like mkdir -p): not a fault.
+        **{k: v for k, v in writer_faults(lambda out: ("tokenize", "{corpus}", "-o", out, "--tokenizer", "{tokenizer}",
+                                                       "-q"), "t").items() if k != "output folder missing"},
     },
     "contract": {
         "missing file": Case(("contract", "check", "{missing}"), "apr contract check", words="does not exist"),
@@ -244,6 +249,10 @@ MATRIX: dict[str, dict[str, Case]] = {
 MATRIX["train"] = {name: Case(("train", *case.args[1:]), case.names.replace("apr pretrain", "apr train"),
                               case.code, case.outputs, case.words) for name, case in MATRIX["pretrain"].items()
                    if name in ("missing data", "init with arch", "no data", "output folder read-only")}
+# `apr import` is an alias of `apr convert` (aprender's name): the same answers under the alias.
+MATRIX["import"] = {name: Case(("import", *case.args[1:]), case.names.replace("apr convert", "apr import"),
+                               case.code, case.outputs, case.words) for name, case in MATRIX["convert"].items()
+                    if name in ("missing source", "broken gguf", "output exists")}
 CASES = [(command, fault) for command in sorted(MATRIX) for fault in MATRIX[command]]
 
 
@@ -256,7 +265,7 @@ def test_every_command_has_fault_cases():
 @pytest.mark.parametrize("command,fault", CASES, ids=[f"{c}: {f}" for c, f in CASES])
 def test_bad_input_gives_one_line_and_exit_code(command, fault, files):
     case = MATRIX[command][fault]
-    proc = run_cli(*(files.fill(a) for a in case.args), cwd=files.root)
+    proc = run_apr(*(files.fill(a) for a in case.args), cwd=files.root)
     line = one_line_error(proc)
     assert proc.returncode == case.code, proc.stderr
     assert proc.stdout == "" and line.isprintable(), (proc.stdout, line)
@@ -267,7 +276,7 @@ def test_bad_input_gives_one_line_and_exit_code(command, fault, files):
     assert os.listdir(files.paths["out_dir"]) == [] and leftovers(files.root) == []
 
 
-@pytest.mark.parametrize("command", sorted(set(MATRIX) - {"pretrain", "train", "contract", "tokenize"}))
+@pytest.mark.parametrize("command", sorted(set(MATRIX) - {"pretrain", "train", "import", "contract", "tokenize"}))
 def test_stdout_on_a_full_disk(command, files):
     """Output that cannot be written (stdout on a full disk) is an error too: exit 2, one line."""
     args = {"inspect": ("{apr}",), "tensors": ("{apr}",), "validate": ("{apr}",), "diff": ("{apr}", "{hf}"),
@@ -284,7 +293,7 @@ def test_stdout_on_a_full_disk(command, files):
 def test_plot_without_matplotlib_says_how_to_install_it(files):
     """matplotlib is an optional extra: blocked from import, `apr plot` answers with the pip command."""
     blocked = "import sys\nsys.modules['matplotlib'] = sys.modules['matplotlib.figure'] = None"
-    proc = run_cli("plot", files.paths["run"], "-o", files.paths["out_dir"] / "c.png", prelude=blocked)
+    proc = run_apr("plot", files.paths["run"], "-o", files.paths["out_dir"] / "c.png", prelude=blocked)
     assert proc.returncode == 2 and one_line_error(proc) == (
         "apr: error: apr plot needs matplotlib, which is not installed: pip install 'apr-toolkit[plot]'")
     assert os.listdir(files.paths["out_dir"]) == []
@@ -292,7 +301,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(files):
 
 def test_validate_of_a_broken_file_is_a_check_failure_not_an_error(files):
     """The one documented exit 1: validate read the file and found it broken (the report is the output)."""
-    proc = run_cli("validate", files.paths["noise"])
+    proc = run_apr("validate", files.paths["noise"])
     assert proc.returncode == 1 and proc.stderr == "" and "INVALID" in proc.stdout
 
 

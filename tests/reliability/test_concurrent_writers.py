@@ -15,8 +15,7 @@ import pytest
 from apr_format import open_apr, save_apr
 from apr_format.atomic import link_into_place
 
-from apr_testing import FIXTURES
-from conftest import finish, leftovers, one_line_error, popen_cli, run_cli
+from apr_testing import FIXTURES, finish, leftovers, one_line_error, popen_apr, run_apr
 
 # Pause the CLI once it holds its claim on the output (a locked temp, or the run folder), until GO appears.
 HOLD = """
@@ -45,7 +44,7 @@ def command(kind: str, dest: Path, *more: str) -> list:
 @pytest.fixture
 def model(tmp_path) -> Path:
     path = tmp_path / "model.apr"
-    assert run_cli("convert", FIXTURES / "tiny-qwen2-hf", "-o", path, "-q").returncode == 0
+    assert run_apr("convert", FIXTURES / "tiny-qwen2-hf", "-o", path, "-q").returncode == 0
     return path
 
 
@@ -55,7 +54,7 @@ def complete(dest: Path) -> None:
         with open_apr(dest) as apr:
             apr.verify()
     else:
-        assert run_cli("diff", dest.parent.parent / "model.apr", dest).returncode in (0, 1)
+        assert run_apr("diff", dest.parent.parent / "model.apr", dest).returncode in (0, 1)
 
 
 def hold_then_race(tmp_path: Path, hook: str, first: list, second: list):
@@ -63,13 +62,13 @@ def hold_then_race(tmp_path: Path, hook: str, first: list, second: list):
     end; then let `first` finish."""
     here, go = tmp_path / "here", tmp_path / "go"
     module, attr = hook.rsplit(".", 1)
-    holder = popen_cli(*first, capture=True, prelude=HOLD.format(here=str(here), go=str(go), module=module, attr=attr))
+    holder = popen_apr(*first, capture=True, prelude=HOLD.format(here=str(here), go=str(go), module=module, attr=attr))
     for _ in range(6000):
         if here.exists() or holder.poll() is not None:
             break
         time.sleep(0.01)
     assert here.exists(), finish(holder).stderr
-    other = run_cli(*second)
+    other = run_apr(*second)
     go.touch()
     return finish(holder), other, holder.pid
 
@@ -93,7 +92,7 @@ def test_second_writer_names_the_first(kind, name, model, tmp_path):
 def test_two_writers_started_together(kind, name, model, tmp_path):
     dest = tmp_path / "out" / name
     dest.parent.mkdir()
-    procs = [popen_cli(*command(kind, dest), capture=True) for _ in range(2)]
+    procs = [popen_apr(*command(kind, dest), capture=True) for _ in range(2)]
     results = sorted((finish(p) for p in procs), key=lambda r: r.returncode)
     assert [r.returncode for r in results] == [0, 2], [r.stderr for r in results]
     line = one_line_error(results[1])
@@ -106,7 +105,7 @@ def test_two_writers_started_together(kind, name, model, tmp_path):
 def test_forced_writers_last_complete_wins(kind, name, model, tmp_path):
     dest = tmp_path / "out" / name
     dest.parent.mkdir()
-    procs = [popen_cli(*command(kind, dest, "--force"), capture=True) for _ in range(2)]
+    procs = [popen_apr(*command(kind, dest, "--force"), capture=True) for _ in range(2)]
     results = [finish(p) for p in procs]
     assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
     complete(dest)
@@ -120,13 +119,13 @@ PRETRAIN = ["--data", FIXTURES / "tiny-corpus.txt", "--steps", "2", "--batch-siz
 def test_two_runs_into_one_folder(model, tmp_path):
     run = tmp_path / "run"
     args = ["pretrain", "--init", model, "--out", run, *PRETRAIN]
-    first, second, pid = hold_then_race(tmp_path, "apr_trainer.train.claim_folder", args, args)
+    first, second, pid = hold_then_race(tmp_path, "apr_trainer.runlog.claim_folder", args, args)
     assert first.returncode == 0, first.stderr
     line = one_line_error(second)
     assert second.returncode == 2 and f"PID {pid}" in line and str(run) in line, line
     complete(run / "final.apr")
     assert leftovers(run) == []
-    again = run_cli(*args)  # the first run is over: the folder now holds a run
+    again = run_apr(*args)  # the first run is over: the folder now holds a run
     assert again.returncode == 2 and "already holds a run" in one_line_error(again)
 
 

@@ -27,8 +27,7 @@ from apr_format.atomic import exchange
 from apr_format.validate import validate_file
 from apr_trainer.data import write_token_file
 
-from apr_testing import read_metrics
-from conftest import TEMP_NAME, env_cases, leftovers, popen_cli, record, run_cli, write_hf_folder
+from apr_testing import TEMP_NAME, env_cases, leftovers, popen_apr, read_metrics, record, run_apr, write_hf_folder
 
 
 CASES = env_cases("APR_CRASH_CASES", 12)
@@ -55,7 +54,7 @@ def tree(folder: Path) -> dict[str, str]:
 def kill_at_random(args: list, watch: Path, rng: random.Random, duration: float) -> dict:
     """Start `apr ARGS`, SIGKILL it at a seeded random moment; what the moment hit."""
     mid_write = rng.random() < 0.5
-    proc = popen_cli(*args)
+    proc = popen_apr(*args)
     started = time.monotonic()
     if mid_write:  # wait for the first temp file, then a little more
         while proc.poll() is None and not leftovers(watch) and time.monotonic() - started < 120:
@@ -71,7 +70,7 @@ def kill_at_random(args: list, watch: Path, rng: random.Random, duration: float)
 
 def timed(*args) -> float:
     began = time.monotonic()
-    proc = run_cli(*args)
+    proc = run_apr(*args)
     assert proc.returncode == 0, proc.stderr
     return time.monotonic() - began
 
@@ -90,10 +89,10 @@ def big(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("crash")
     src = write_hf_folder(root / "hf", BIG_CONFIG)
     old_src = write_hf_folder(root / "hf-old", BIG_CONFIG, seed=1)
-    assert run_cli("convert", old_src, "-o", root / "old.apr", "-q").returncode == 0
-    assert run_cli("convert", src, "-o", root / "new.apr", "-q").returncode == 0
-    assert run_cli("export", root / "old.apr", "-o", root / "old-hf", "-q").returncode == 0
-    assert run_cli("export", root / "new.apr", "-o", root / "new-hf", "-q").returncode == 0
+    assert run_apr("convert", old_src, "-o", root / "old.apr", "-q").returncode == 0
+    assert run_apr("convert", src, "-o", root / "new.apr", "-q").returncode == 0
+    assert run_apr("export", root / "old.apr", "-o", root / "old-hf", "-q").returncode == 0
+    assert run_apr("export", root / "new.apr", "-o", root / "new-hf", "-q").returncode == 0
     return {"root": root, "src": src, "old": root / "old.apr", "new": root / "new.apr",
             "old_hf": root / "old-hf", "new_hf": root / "new-hf"}
 
@@ -130,7 +129,7 @@ def test_kill_during_convert_never_leaves_a_torn_file(big, tmp_path):
         assert validate_file(dest).ok, f"case {case}: torn file {validate_file(dest).to_dict()}"
         assert apr_identity(dest) == new_id, f"case {case}: a valid file that is neither old nor new"
     assert_some_kills_mid_write("convert", outcomes)
-    assert run_cli("convert", big["src"], "-o", dest, "--force", "-q").returncode == 0
+    assert run_apr("convert", big["src"], "-o", dest, "--force", "-q").returncode == 0
     assert leftovers(out) == []  # the stale temp files of killed runs are gone
     assert apr_identity(dest) == new_id
 
@@ -158,7 +157,7 @@ def test_kill_during_export_never_leaves_a_torn_output(kind, big, tmp_path):
             f"case {case}: {found}"
         assert all(TEMP_NAME.match(name) for name in os.listdir(out) if name != dest.name), os.listdir(out)
     assert_some_kills_mid_write(f"export {kind}", outcomes)
-    assert run_cli("export", big["new"], "-o", dest, "--force", "-q").returncode == 0
+    assert run_apr("export", big["new"], "-o", dest, "--force", "-q").returncode == 0
     assert _export_state(dest) == new
     assert leftovers(out) == []  # the temps of killed runs are gone
 
@@ -244,7 +243,7 @@ def test_kill_during_training_checkpoints_then_resume_reproduces_the_run(tokens,
     """Checkpoints every step; kill at a random moment of training, check every file, --resume to the end:
     the final weights and every logged loss equal the uninterrupted run's."""
     baseline = tmp_path / "baseline"
-    proc = popen_cli("pretrain", "--data", tokens, "--out", baseline, *TRAIN)
+    proc = popen_apr("pretrain", "--data", tokens, "--out", baseline, *TRAIN)
     training = _wait_for_training(proc, baseline)
     assert proc.wait() == 0
     duration = time.monotonic() - training  # from the first step to the end
@@ -254,7 +253,7 @@ def test_kill_during_training_checkpoints_then_resume_reproduces_the_run(tokens,
     for case in range(TRAIN_CASES):
         run = tmp_path / f"run{case}"
         args = ["pretrain", "--data", tokens, "--out", run, *TRAIN]
-        proc = popen_cli(*args)
+        proc = popen_apr(*args)
         started = _wait_for_training(proc, run)
         if rng.random() < 0.5:  # the moment a checkpoint file is being written (or just after)
             while proc.poll() is None and not _writing(run) and time.monotonic() - started < 60:
@@ -266,7 +265,7 @@ def test_kill_during_training_checkpoints_then_resume_reproduces_the_run(tokens,
         proc.send_signal(signal.SIGKILL)
         outcomes.append({"killed": proc.wait() == -signal.SIGKILL, "during_write": during_write})
         newest = check_run_folder(run)
-        resumed = run_cli("pretrain", "--resume", run, "-q")
+        resumed = run_apr("pretrain", "--resume", run, "-q")
         if newest == 0:
             assert resumed.returncode == 2 and "no complete checkpoint" in resumed.stderr, resumed.stderr
             continue

@@ -22,8 +22,7 @@ import pytest
 from apr_format import save_apr
 from apr_trainer.data import write_token_file
 
-from apr_testing import APR_COMMAND, FIXTURES
-from conftest import apr_env, leftovers, one_line_error, run_cli
+from apr_testing import APR_COMMAND, FIXTURES, apr_env, leftovers, one_line_error, run_apr
 
 
 FULL = ("File too large", "No space left on device")
@@ -62,14 +61,19 @@ def digest(path: Path) -> str:
 def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     model = root / "model.apr"
-    assert run_cli("convert", FIXTURES / "tiny-qwen2-hf", "-o", model, "-q").returncode == 0
+    assert run_apr("convert", FIXTURES / "tiny-qwen2-hf", "-o", model, "-q").returncode == 0
     save_apr(root / "old.apr", {"old": np.zeros(4, np.float32)})
     (root / "old-hf").mkdir()
     (root / "old-hf" / "config.json").write_text("{}\n")
     write_token_file(root / "tokens.bin", [np.random.default_rng(0).integers(0, 512, 20_000)], 512)
     write_token_file(root / "old-tokens.bin", [np.arange(100)], 512)
+    (root / "old.txt").write_text("An old, short corpus.\n")
+    (root / "corpus.txt").write_text((FIXTURES / "tiny-corpus.txt").read_text() * 5)  # tokens over 64 KiB
+    assert run_apr("tokenize", root / "old.txt", "-o", root / "old-run", "--tokenizer",
+                   FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", "-q").returncode == 0
     return {"root": root, "model": model, "old": root / "old.apr", "old_hf": root / "old-hf",
-            "tokens": root / "tokens.bin", "old_tokens": root / "old-tokens.bin"}
+            "tokens": root / "tokens.bin", "old_tokens": root / "old-tokens.bin", "old_run": root / "old-run",
+            "corpus": root / "corpus.txt"}
 
 
 def check_failed_write(proc, dest: Path, old: str | None, folder: Path) -> None:
@@ -85,8 +89,8 @@ WRITES = {
     "convert": (lambda i, d: ["convert", FIXTURES / "tiny-qwen2-hf", "-o", d, "--force", "-q"], "m.apr", "old", 64),
     "export folder": (lambda i, d: ["export", i["model"], "-o", d, "--force", "-q"], "hf", "old_hf", 64),
     "export file": (lambda i, d: ["export", i["model"], "-o", d, "--force", "-q"], "m.safetensors", "old", 64),
-    "tokenize": (lambda i, d: ["tokenize", FIXTURES / "tiny-corpus.txt", "-o", d, "--force", "--tokenizer",
-                               FIXTURES / "tiny-qwen2-hf" / "tokenizer.json"], "t.bin", None, 8),
+    "tokenize": (lambda i, d: ["tokenize", i["corpus"], "-o", d, "--force", "--tokenizer",
+                               FIXTURES / "tiny-qwen2-hf" / "tokenizer.json", "-q"], "t", "old_run", 64),
 }
 
 
@@ -102,7 +106,7 @@ def test_full_disk_while_writing(command, with_old, way, inputs, tmp_path):
         if with_old:
             (shutil.copytree if inputs[old_key].is_dir() else shutil.copyfile)(inputs[old_key], dest)
         old = digest(dest) if with_old else None
-        proc = run_cli(*args(inputs, dest), fsize=cap)
+        proc = run_apr(*args(inputs, dest), fsize=cap)
         check_failed_write(proc, dest, old, folder)
 
 
@@ -124,20 +128,20 @@ def test_full_disk_while_saving_a_checkpoint(cap_kb, fails, inputs, tmp_path):
     """The weights (560 KiB) or the optimizer state (850 KiB) do not fit: exit 2, no checkpoint counts as complete,
     no temp file; --resume then says there is nothing to resume instead of loading half a checkpoint."""
     run = tmp_path / "run"
-    proc = run_cli("pretrain", "--data", inputs["tokens"], "--out", run, *TRAIN, fsize=cap_kb * 1024)
+    proc = run_apr("pretrain", "--data", inputs["tokens"], "--out", run, *TRAIN, fsize=cap_kb * 1024)
     line = one_line_error(proc)
     assert proc.returncode == 2 and fails in line and line.endswith(FULL), line
     assert leftovers(run) == []
     assert not list((run / "checkpoints").glob("*.state.json"))
-    resumed = run_cli("pretrain", "--resume", run)
+    resumed = run_apr("pretrain", "--resume", run)
     assert resumed.returncode == 2 and "no complete checkpoint" in one_line_error(resumed)
 
 
 # -- read errors -----------------------------------------------------------------------------
 FAIL_FIFTH_READ = """
 import errno, os
-from apr_converters import safetensors_io, source_files
-from apr_format import writer
+from apr_converters import source_files
+from apr_format import safetensors_writer, writer
 _calls = []
 def _fault(path, start):  # every way a converter reads tensor bytes passes here
     _calls.append(path)
@@ -149,7 +153,7 @@ def _wrap(original):
         return original(src, *args, **kwargs)
     return copy_range
 writer.copy_range = _wrap(writer.copy_range)
-safetensors_io.copy_range = _wrap(safetensors_io.copy_range)
+safetensors_writer.copy_range = _wrap(safetensors_writer.copy_range)
 _read = source_files.SourceFiles.read
 def read(self, file, start, nbytes):
     _fault(file, start)
@@ -168,7 +172,7 @@ def test_read_error_mid_write_leaves_nothing(command, with_old, inputs, tmp_path
     if with_old:
         shutil.copyfile(inputs["old"], dest)
     old = digest(dest) if with_old else None
-    proc = run_cli(command, src, "-o", dest, "--force", "-q", prelude=EIO)
+    proc = run_apr(command, src, "-o", dest, "--force", "-q", prelude=EIO)
     line = one_line_error(proc)
     assert proc.returncode == 2 and line.endswith("Input/output error") and str(src) in line, line
     assert (digest(dest) if dest.exists() else None) == old
@@ -185,11 +189,11 @@ def test_source_truncated_mid_convert(inputs, tmp_path):
     dest.parent.mkdir()
     shutil.copyfile(inputs["old"], dest)
     old = digest(dest)
-    proc = run_cli("convert", src, "-o", dest, "--force", "-q", prelude=TRUNCATE)
+    proc = run_apr("convert", src, "-o", dest, "--force", "-q", prelude=TRUNCATE)
     line = one_line_error(proc)
     assert proc.returncode == 2 and str(src / "model.safetensors") in line, line
     assert digest(dest) == old and leftovers(dest.parent) == []
     shutil.rmtree(src)
     shutil.copytree(FIXTURES / "tiny-qwen2-hf", src)
-    assert run_cli("convert", src, "-o", dest, "--force", "-q").returncode == 0
+    assert run_apr("convert", src, "-o", dest, "--force", "-q").returncode == 0
     assert leftovers(dest.parent) == [] and digest(dest) != old

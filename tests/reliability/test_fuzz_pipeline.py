@@ -37,8 +37,7 @@ from apr_format.architecture import ArchitectureConfig
 from apr_format.header import header_checksum
 from apr_format.validate import validate_file
 
-from apr_testing import GOLDEN
-from conftest import TINY_CONFIG, env_cases, leftovers, qwen2_tensors, record, run_cli
+from apr_testing import GOLDEN, TINY_CONFIG, env_cases, leftovers, qwen2_tensors, record, run_apr
 from format import test_fuzz as byte_fuzz  # the reader fuzzer's seeded mutations, reused
 
 
@@ -698,7 +697,7 @@ def test_hostile_files_through_the_cli(byte_bases, tmp_path):
         path = tmp_path / f"case{seed}.apr"
         path.write_bytes(data)
         for command, ok_codes in (("inspect", (0, 2)), ("tensors", (0, 2)), ("validate", (0, 1))):
-            proc = run_cli(command, path, "--json")
+            proc = run_apr(command, path, "--json")
             problems += _cli_problems(proc, ok_codes, f"{command} seed {seed} ({what})")
         rng = random.Random(seed)
         data = bytearray(st_bytes(base, base.header))
@@ -709,7 +708,7 @@ def test_hostile_files_through_the_cli(byte_bases, tmp_path):
         work.mkdir()
         src = write_st_model(base, work)
         (src / "model.safetensors").write_bytes(bytes(data))
-        proc = run_cli("convert", src, "-o", work / "out.apr", "--quiet")
+        proc = run_apr("convert", src, "-o", work / "out.apr", "--quiet")
         problems += _cli_problems(proc, (0, 2), f"convert seed {seed}")
         if proc.returncode:
             assert not (work / "out.apr").exists()

@@ -17,8 +17,7 @@ from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
 from apr_trainer.presets import preset
 
-from apr_testing import learnable_tokens, read_metrics
-from conftest import popen_cli, run_cli
+from apr_testing import learnable_tokens, popen_apr, read_metrics, run_apr
 
 
 STEPS = 16
@@ -38,13 +37,13 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     save_apr(root / "init.apr", DecoderLM(preset("tiny")).state_dict(), preset("tiny").to_metadata())
     write_token_file(root / "tokens.bin", [learnable_tokens(30_000, 512, step=5, offset=1, noise=4)], 512)
     reference = root / "reference"
-    proc = run_cli("pretrain", "--init", root / "init.apr", "--data", root / "tokens.bin", "--out", reference, *FLAGS)
+    proc = run_apr("pretrain", "--init", root / "init.apr", "--data", root / "tokens.bin", "--out", reference, *FLAGS)
     assert proc.returncode == 0, proc.stderr
     return {"root": root, "reference": reference}
 
 
 def kill_after_first_checkpoint(setup: dict[str, Path], run: Path) -> None:
-    proc = popen_cli("pretrain", "--init", setup["root"] / "init.apr", "--data", setup["root"] / "tokens.bin",
+    proc = popen_apr("pretrain", "--init", setup["root"] / "init.apr", "--data", setup["root"] / "tokens.bin",
                      "--out", run, *FLAGS)
     first = run / "checkpoints" / "step-000004.state.json"  # written last: the checkpoint is complete
     while not first.exists() and proc.poll() is None:
@@ -77,7 +76,7 @@ def killed(setup) -> Path:
 def test_killed_run_resumes_on_the_uninterrupted_curve(setup, killed, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(killed, run)
-    proc = run_cli("pretrain", "--resume", run)
+    proc = run_apr("pretrain", "--resume", run)
     assert proc.returncode == 0, proc.stderr
     resumed_at = int(proc.stderr.split("resume: step ")[1].split(";")[0])
     assert resumed_at >= 4 and resumed_at % 4 == 0, proc.stderr
@@ -93,6 +92,6 @@ def test_resume_survives_a_torn_last_metrics_line(setup, killed, tmp_path):
     shutil.copytree(killed, run)
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write('{"step": 99, "loss": 1.')
-    proc = run_cli("pretrain", "--resume", run)
+    proc = run_apr("pretrain", "--resume", run)
     assert proc.returncode == 0, proc.stderr
     assert_same_curve(setup["reference"], run)

@@ -15,8 +15,7 @@ from apr_converters.safetensors_io import parse_header
 from apr_format.validate import validate_file
 from apr_trainer.data import write_token_file
 
-from apr_testing import ROOT
-from conftest import run_cli
+from apr_testing import ROOT, run_apr
 
 
 PACKAGES = ("apr_format", "cli", "converters", "trainer")
@@ -132,10 +131,10 @@ def test_run_and_export_files_are_data_not_code(tmp_path):
     tokens = tmp_path / "tokens.bin"
     write_token_file(tokens, [np.random.default_rng(0).integers(0, 512, 5000)], 512)
     run = tmp_path / "run"
-    proc = run_cli("pretrain", "--arch", "tiny", "--data", tokens, "--out", run, "--steps", "2", "--save-every", "1",
+    proc = run_apr("pretrain", "--arch", "tiny", "--data", tokens, "--out", run, "--steps", "2", "--save-every", "1",
                    "--seq-len", "32", "--batch-size", "4", "--val-batches", "2", "--device", "cpu", "-q")
     assert proc.returncode == 0, proc.stderr
-    assert run_cli("export", run / "final.apr", "-o", tmp_path / "hf", "-q").returncode == 0
+    assert run_apr("export", run / "final.apr", "-o", tmp_path / "hf", "-q").returncode == 0
     files = [p for folder in (run, tmp_path / "hf") for p in folder.rglob("*") if p.is_file()]
     kinds = {}
     for path in files:

@@ -12,9 +12,9 @@ import pytest
 import transformers
 
 from apr_format import SUPPORTED_FAMILIES, ArchitectureConfig, open_apr, read_architecture, save_apr
-from apr_format.architecture import ALIASES
+from apr_format.families import aliases
 from apr_format.errors import (
-    CorruptMetadata, InvalidArgument, MissingConfigKey, UnsupportedArchitecture, UnsupportedFeature,
+    CorruptMetadata, InvalidArchitectureConfig, InvalidArgument, MissingConfigKey, UnsupportedArchitecture, UnsupportedFeature,
 )
 from apr_format.init_tensors import load_init_tensors
 from apr_format.reader import AprFile
@@ -39,8 +39,8 @@ def test_metadata_round_trip_uses_canonical_keys_only():
         "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "rope_type", "rms_norm_eps",
         "tie_word_embeddings", "attention_bias",
     }
-    aliases = {alias for names in ALIASES.values() for alias in names} - {"tied_embeddings"}
-    assert not aliases & set(meta)
+    spellings = {alias for key in meta for alias in aliases(key)} - {"tied_embeddings"}
+    assert not spellings & set(meta)
 
 
 def test_well_defined_defaults():
@@ -92,9 +92,9 @@ def test_unsupported_family_names_itself_and_the_supported_list(family):
     with pytest.raises(UnsupportedArchitecture) as info:
         ArchitectureConfig.from_metadata({"architecture": family}, "enc.apr")
     assert str(info.value) == (
-        f"enc.apr: architecture {family!r} is not supported; supported decoder families: llama, qwen2"
+        f"enc.apr: architecture {family!r} is not supported; supported decoder families: llama, qwen2, mistral"
     )
-    assert SUPPORTED_FAMILIES == ("llama", "qwen2")
+    assert SUPPORTED_FAMILIES == ("llama", "qwen2", "mistral")
 
 
 def test_family_from_other_keys():
@@ -159,13 +159,17 @@ def test_read_architecture_settles_tying_from_the_index(tmp_path):
 
 def test_presets_and_json_architecture_files(tmp_path):
     assert preset("tiny") is TINY and preset("llama-370m").vocab_size == 50257
-    with pytest.raises(InvalidArgument, match="unknown architecture preset 'gpt5'; known: llama-370m, tiny"):
+    with pytest.raises(InvalidArgument, match="^--arch: unknown architecture preset 'gpt5'; known: llama-370m, tiny$") as exc:
         preset("gpt5")
+    assert exc.value.flag == "--arch" and exc.value.path is None
     (tmp_path / "arch.json").write_text(json.dumps(TINY.to_metadata()))
     assert load_arch_config(tmp_path / "arch.json") == TINY
     (tmp_path / "bad.json").write_text("[1, 2]")
-    with pytest.raises(CorruptMetadata, match="bad.json: holds a JSON list, expected an object"):
+    with pytest.raises(InvalidArchitectureConfig, match="bad.json: holds a JSON list, expected an object"):
         load_arch_config(tmp_path / "bad.json")
+    (tmp_path / "neg.json").write_text(json.dumps({**TINY.to_metadata(), "num_layers": -1}))
+    with pytest.raises(InvalidArchitectureConfig, match="neg.json: num_layers is -1, expected a positive integer"):
+        load_arch_config(tmp_path / "neg.json")
 
 
 @pytest.fixture
@@ -195,7 +199,7 @@ def test_encoder_fails_fast_before_any_tensor_is_read_or_model_built(bert_with_g
         monkeypatch.setattr(AprFile, method, forbidden)
     monkeypatch.setattr(DecoderLM, "__init__", forbidden)
     expected = (
-        f"{bert_with_garbage_tensors}: architecture 'bert' is not supported; supported decoder families: llama, qwen2"
+        f"{bert_with_garbage_tensors}: architecture 'bert' is not supported; supported decoder families: llama, qwen2, mistral"
     )
     for attempt in (read_architecture, load_init_tensors, DecoderLM.from_apr):
         with pytest.raises(UnsupportedArchitecture) as info:

@@ -10,7 +10,7 @@ import yaml
 
 from apr_format.errors import CorruptSource
 from apr_testing import ROOT, run_apr
-from apr_trainer.contract import check_contract, load_contract
+from contract_runner import check_contract, load_contract
 
 CONTRACT = ROOT / "contracts" / "apr-pretrain-arch-polymorphic-v1.yaml"
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from apr_format.errors import CorruptSource, InvalidArgument, Truncated
-from apr_trainer import tokenization
+from apr_testing import mixed_text_folder
+from apr_trainer.corpus import KNOWN_SUFFIXES
 from apr_trainer.data import (
     TokenDataset,
     TokenFile,
@@ -16,10 +17,9 @@ from apr_trainer.data import (
     open_token_file,
     open_tokens,
     sidecar_path,
-    tokenize_corpus,
     write_token_file,
 )
-from apr_trainer.tokenization import encode_documents, iter_documents, load_tokenizer
+from apr_trainer.tokenization import load_tokenizer
 
 TEXT = "".join(
     f"Line {i} of the tale: the miller walked to the river, and the {'cat' if i % 3 else 'dog'} slept.\n"
@@ -111,9 +111,9 @@ def test_shard_folder_reads_as_one_stream(tmp_path):
 
 
 def test_unknown_data_format_is_rejected(tmp_path):
-    (tmp_path / "data.parquet").write_bytes(b"x")
-    with pytest.raises(InvalidArgument, match="unknown data format '.parquet'"):
-        open_tokens(tmp_path / "data.parquet")
+    (tmp_path / "data.csv").write_bytes(b"x")
+    with pytest.raises(InvalidArgument, match="unknown data format '.csv'"):
+        open_tokens(tmp_path / "data.csv")
 
 
 def test_validation_is_the_tail_and_never_sampled():
@@ -146,41 +146,57 @@ def test_too_little_data_names_the_numbers():
         TokenDataset(stream, seq_len=32, val_fraction=0.05)
 
 
-def test_chunked_text_encodes_like_the_whole_file(tmp_path, bpe_tokenizer, monkeypatch):
-    info = load_tokenizer(bpe_tokenizer)
-    (tmp_path / "tale.txt").write_text(TEXT)
-    whole = info.tokenizer.encode(TEXT, add_special_tokens=False).ids + [info.eos_id]
-    monkeypatch.setattr(tokenization, "CHUNK_CHARS", 97)  # many pieces, cut inside the text
-    pieces = list(tokenization._text_pieces(tmp_path / "tale.txt"))
-    assert len(pieces) > 20 and "".join(pieces) == TEXT
-    ids = np.concatenate(list(encode_documents(info, iter_documents([tmp_path / "tale.txt"]))))
-    assert ids.tolist() == whole
-
-
 def test_jsonl_documents_end_with_eos(tmp_path, bpe_tokenizer):
     info = load_tokenizer(bpe_tokenizer)
     lines = [json.dumps({"text": "the cat"}), "", json.dumps({"text": "a dog"})]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    ids = np.concatenate(list(encode_documents(info, iter_documents([tmp_path / "docs.jsonl"])))).tolist()
+    stream = open_tokens(tmp_path / "docs.jsonl", tokenizer=lambda: info)
     enc = info.tokenizer.encode
-    assert ids == enc("the cat").ids + [info.eos_id] + enc("a dog").ids + [info.eos_id]
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(CorruptSource, match='bad.jsonl: line 2 has no string "text" field'):
-        list(iter_documents([tmp_path / "bad.jsonl"]))
+    assert stream.slice(0, len(stream)).tolist() == enc("the cat").ids + [info.eos_id] + enc("a dog").ids + [info.eos_id]
+    assert "documents: each ends with <|endoftext|> (id 0); no BOS or template tokens are added" in stream.notes
 
 
-def test_tokenize_corpus_matches_in_memory_tokenization(tmp_path, bpe_tokenizer):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "a.txt").write_text(TEXT[:2000])
-    (folder / "b.jsonl").write_text(json.dumps({"text": TEXT[2000:3000]}) + "\n")
+def test_text_folder_uses_md_and_upper_case_files_and_names_the_skipped(tmp_path, bpe_tokenizer):
+    root = mixed_text_folder(tmp_path / "data")
     info = load_tokenizer(bpe_tokenizer)
-    meta = tokenize_corpus(folder, tmp_path / "corpus.bin", info)
-    assert meta["files"] == 2 and meta["tokenizer_sha256"] == info.sha256 and meta["eos_id"] == info.eos_id
-    from_file = open_tokens(tmp_path / "corpus.bin")
-    in_memory = open_tokens(folder, tokenizer=lambda: info)
-    assert len(from_file) == meta["num_tokens"] == len(in_memory)
-    assert from_file.slice(0, len(from_file)).tolist() == in_memory.slice(0, len(in_memory)).tolist()
+    stream = open_tokens(root, tokenizer=lambda: info)
+    enc = info.tokenizer.encode
+    want = [i for doc in ("# readme\n", "upper case suffix\n", "a\n") for i in enc(doc).ids + [info.eos_id]]
+    assert stream.slice(0, len(stream)).tolist() == want
+    assert stream.notes[:2] == ["inputs: 3 file(s), 29 bytes, 1 skipped",
+                                f"skipped: {root / 'table.csv'}: unknown suffix '.csv'; reads {KNOWN_SUFFIXES}"]
+
+
+def test_empty_text_is_refused(tmp_path, bpe_tokenizer):
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(CorruptSource, match="a.txt: holds no text"):
+        open_tokens(tmp_path / "a.txt", tokenizer=lambda: load_tokenizer(bpe_tokenizer))
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(CorruptSource, match="empty.bin: holds no tokens"):
+        open_tokens(tmp_path / "empty.bin")
+
+
+def test_text_without_end_of_text_token_is_joined_with_a_warning(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    info = load_tokenizer(tmp_path / "tokenizer.json")
+    stream = open_tokens(tmp_path / "a.jsonl", tokenizer=lambda: info)
+    assert info.eos_id is None and len(stream) == len(tok.encode("one").ids + tok.encode("two").ids)
+    assert any(n.startswith("warning: documents: joined WITHOUT a separator") for n in stream.notes)
+
+
+def test_small_data_with_a_big_batch_warns_with_the_figures():
+    data = TokenDataset(TokenStream([np.arange(200, dtype=np.uint32)], "mem"), seq_len=32, val_fraction=0.1)
+    assert data.size_warnings(windows_per_step=8, val_windows=4) == [
+        "warning: the 33 held-out tokens fit 1 validation window(s) of 33 tokens, not the 4 asked "
+        "(--val-batches x --batch-size); validation loss is the mean of 1"]
+    assert "windows repeat within a step" in data.size_warnings(windows_per_step=200, val_windows=1)[0]
+    assert TokenDataset(TokenStream([np.arange(5000, dtype=np.uint32)], "m"), 32, 0.1).size_warnings(8, 8) == []
 
 
 def test_text_that_is_not_utf8_is_a_clear_error(tmp_path, bpe_tokenizer):
@@ -188,8 +204,9 @@ def test_text_that_is_not_utf8_is_a_clear_error(tmp_path, bpe_tokenizer):
     with pytest.raises(CorruptSource, match="latin1.txt: is not UTF-8 text"):
         open_tokens(tmp_path / "latin1.txt", tokenizer=lambda: load_tokenizer(bpe_tokenizer))
     (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
-    pieces = list(iter_documents([tmp_path / "crlf.txt"]))
-    assert "".join(pieces[0]) == "one\r\ntwo\r\n"  # kept as written, not translated
+    info = load_tokenizer(bpe_tokenizer)
+    stream = open_tokens(tmp_path / "crlf.txt", tokenizer=lambda: info)
+    assert stream.slice(0, len(stream)).tolist() == info.tokenizer.encode("one\r\ntwo\r\n").ids + [info.eos_id]
 
 
 def test_text_without_tokenizer_is_an_error(tmp_path):

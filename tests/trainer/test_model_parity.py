@@ -3,37 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file
 
 from apr_format import ArchitectureConfig, open_apr, save_apr
 from apr_format.errors import MissingTensor
 from apr_format.init_tensors import expected_parameter_shapes, load_init_tensors
-from apr_testing import build_hf_checkpoint, run_apr
+from apr_testing import apr_from_hf, build_hf_checkpoint, run_apr
 from apr_trainer import model as model_module
 from apr_trainer.model import DecoderLM, chunked_cross_entropy
 from apr_trainer.presets import PRESETS, preset
 
 TOLERANCE = 1e-4
-
-
-def apr_from_hf(folder: Path, out: Path, dtype: torch.dtype | None = None) -> Path:
-    """Write an HF folder as .apr the way aprender's importer does (HF names, lm_head copy when tied)."""
-    hf_config = json.loads((folder / "config.json").read_text())
-    config = ArchitectureConfig.from_metadata({"architecture": hf_config["model_type"], "hf_config": hf_config})
-    tensors = load_file(folder / "model.safetensors")
-    if dtype is not None:
-        tensors = {name: t.to(dtype) for name, t in tensors.items()}
-    if config.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    save_apr(out, tensors, {**config.to_metadata(), "tied_embeddings": config.tie_word_embeddings})
-    return out
 
 
 def hf_model(folder: Path) -> torch.nn.Module:
@@ -47,7 +32,7 @@ def _batch(vocab: int, seed: int = 0, shape: tuple[int, int] = (2, 19)) -> torch
 @pytest.fixture(params=["qwen2", "llama"])
 def family_checkpoint(request, tmp_path) -> tuple[str, Path, Path]:
     folder = request.getfixturevalue(f"hf_{request.param}")
-    return request.param, folder, apr_from_hf(folder, tmp_path / f"{request.param}.apr")
+    return request.param, folder, apr_from_hf(folder, tmp_path / f"{request.param}.apr", lm_head_copy=True)
 
 
 def test_logits_and_loss_match_transformers(family_checkpoint):
@@ -90,7 +75,7 @@ def test_gqa_7_to_1_forward_and_backward_match_transformers(tmp_path):
         tmp_path / "hf", "qwen2", hidden_size=112, num_attention_heads=14, num_key_value_heads=2,
         intermediate_size=160, initializer_range=0.1, seed=3,
     )
-    ours, reference = DecoderLM.from_apr(apr_from_hf(folder, tmp_path / "gqa.apr")), hf_model(folder)
+    ours, reference = DecoderLM.from_apr(apr_from_hf(folder, tmp_path / "gqa.apr", lm_head_copy=True)), hf_model(folder)
     assert (ours.config.num_heads, ours.config.num_kv_heads, ours.config.head_dim) == (14, 2, 8)
     ids = _batch(ours.config.vocab_size, seed=2)
     logits, expected = ours(ids), reference(ids).logits
@@ -137,7 +122,7 @@ def test_state_dict_names_are_the_hf_names(hf_qwen2, hf_llama):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_init_passes_every_tensor_bit_exactly(hf_qwen2, tmp_path, dtype):
     """FALSIFY-003: after from_apr every parameter is bit-identical to the file's tensor, dtype kept."""
-    apr_path = apr_from_hf(hf_qwen2, tmp_path / "m.apr", dtype=dtype)
+    apr_path = apr_from_hf(hf_qwen2, tmp_path / "m.apr", dtype=dtype, lm_head_copy=True)
     model = DecoderLM.from_apr(apr_path)
     params = dict(model.named_parameters())
     with open_apr(apr_path) as f:
@@ -151,7 +136,7 @@ def test_init_passes_every_tensor_bit_exactly(hf_qwen2, tmp_path, dtype):
 
 def test_init_with_dtype_casts_and_trains(hf_llama, tmp_path):
     """--init with another dtype: values are the file's values cast; a training step runs."""
-    apr_path = apr_from_hf(hf_llama, tmp_path / "m.apr", dtype=torch.bfloat16)
+    apr_path = apr_from_hf(hf_llama, tmp_path / "m.apr", dtype=torch.bfloat16, lm_head_copy=True)
     model = DecoderLM.from_apr(apr_path, dtype=torch.float32)
     with open_apr(apr_path) as f:
         assert torch.equal(model.lm_head.weight.detach(), f.torch("lm_head.weight").float())
@@ -167,7 +152,7 @@ def test_init_with_dtype_casts_and_trains(hf_llama, tmp_path):
 
 def test_zero_copy_init_never_writes_the_file(hf_qwen2, tmp_path):
     """Training a zero-copy model changes private pages only: the .apr's bytes stay the same."""
-    apr_path = apr_from_hf(hf_qwen2, tmp_path / "m.apr")
+    apr_path = apr_from_hf(hf_qwen2, tmp_path / "m.apr", lm_head_copy=True)
     original = apr_path.read_bytes()
     model = DecoderLM.from_apr(apr_path)
     with torch.no_grad():
@@ -178,7 +163,7 @@ def test_zero_copy_init_never_writes_the_file(hf_qwen2, tmp_path):
 
 def test_from_apr_refuses_a_checkpoint_with_a_missing_tensor(hf_llama, tmp_path):
     """No random fallback: a missing tensor is an error naming it."""
-    apr_path = apr_from_hf(hf_llama, tmp_path / "m.apr")
+    apr_path = apr_from_hf(hf_llama, tmp_path / "m.apr", lm_head_copy=True)
     with open_apr(apr_path) as f:
         tensors = {n: f.torch(n).clone() for n in f.keys() if n != "model.layers.1.mlp.up_proj.weight"}
         metadata = dict(f.metadata)
@@ -255,14 +240,14 @@ def test_loss_path_never_holds_full_logits(monkeypatch):
 
 def test_load_init_tensors_reports_source_dtypes(hf_qwen2, tmp_path):
     """The returned mapping says what the file stored and that the tied copy was dropped."""
-    tensors = load_init_tensors(apr_from_hf(hf_qwen2, tmp_path / "m.apr", dtype=torch.bfloat16))
+    tensors = load_init_tensors(apr_from_hf(hf_qwen2, tmp_path / "m.apr", dtype=torch.bfloat16, lm_head_copy=True))
     assert tensors.dropped_tied_head and "lm_head.weight" not in tensors
     assert set(tensors.source_dtypes.values()) == {"bf16"} and tensors.unused == ()
 
 
 def test_bf16_model_and_autocast_train(hf_qwen2, tmp_path):
     """A bf16 --init model and fp32 under bf16 autocast both give finite losses near the fp32 one, with gradients."""
-    apr_path = apr_from_hf(hf_qwen2, tmp_path / "m.apr", dtype=torch.bfloat16)
+    apr_path = apr_from_hf(hf_qwen2, tmp_path / "m.apr", dtype=torch.bfloat16, lm_head_copy=True)
     bf16 = DecoderLM.from_apr(apr_path)
     fp32 = DecoderLM.from_apr(apr_path, dtype=torch.float32)
     ids = _batch(bf16.config.vocab_size)
@@ -279,7 +264,7 @@ def test_bf16_model_and_autocast_train(hf_qwen2, tmp_path):
 
 def test_mixed_dtype_file_is_promoted_losslessly(hf_llama, tmp_path):
     """A file with bf16 weights and f32 norms loads as one f32 model holding exactly the stored values."""
-    with open_apr(apr_from_hf(hf_llama, tmp_path / "m.apr")) as f:
+    with open_apr(apr_from_hf(hf_llama, tmp_path / "m.apr", lm_head_copy=True)) as f:
         tensors = {n: f.torch(n).clone() if "norm" in n else f.torch(n).bfloat16() for n in f.keys()}
         metadata = dict(f.metadata)
     save_apr(tmp_path / "mixed.apr", tensors, metadata)

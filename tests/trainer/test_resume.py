@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from apr_format import open_apr, save_apr
+from apr_format import open_apr
 from apr_format.errors import CorruptSource, InvalidArgument
-from apr_testing import build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
+from apr_testing import apr_from_hf, build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
 from apr_trainer import checkpoint
-from apr_trainer.data import write_token_file
+from apr_trainer.config import TrainConfig
+from apr_trainer.data import open_token_file, write_token_file
 from apr_trainer.presets import preset
-from apr_trainer.train import TrainConfig, train
+from apr_trainer.train import train
 
 FLAGS = ["--seq-len", "32", "--batch-size", "8", "--grad-accum", "2", "--lr", "3e-3", "--warmup", "3",
          "--val-every", "4", "--device", "cpu"]
@@ -25,16 +25,10 @@ FLAGS = ["--seq-len", "32", "--batch-size", "8", "--grad-accum", "2", "--lr", "3
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny Qwen2 .apr (f32 and bf16) and a learnable token file."""
-    from safetensors.torch import load_file
-
-    from apr_format.architecture import ArchitectureConfig
-
     root = tmp_path_factory.mktemp("resume")
     hf = build_hf_checkpoint(root / "hf", "qwen2")
-    arch = ArchitectureConfig.from_metadata({"hf_config": json.loads((hf / "config.json").read_text())})
-    tensors = load_file(hf / "model.safetensors")
-    save_apr(root / "model.apr", tensors, arch.to_metadata())
-    save_apr(root / "model-bf16.apr", {k: v.to(torch.bfloat16) for k, v in tensors.items()}, arch.to_metadata())
+    apr_from_hf(hf, root / "model.apr")
+    apr_from_hf(hf, root / "model-bf16.apr", torch.bfloat16)
     write_token_file(root / "tokens.bin", [learnable_tokens(20_000, 300)], 300)
     return root
 
@@ -74,6 +68,26 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(workdir, uninterrupted):
         assert all(np.array_equal(f[name], g[name]) for name in f.keys())
 
 
+def test_shards_smaller_than_a_batch_train_and_resume_like_one_file(workdir, uninterrupted):
+    """207 shards of 97 tokens (a batch is 8 x 33): the same windows, so the same curve, also after --resume."""
+    tokens, _ = open_token_file(workdir / "tokens.bin")
+    shards = workdir / "shards"
+    shards.mkdir()
+    for k, start in enumerate(range(0, len(tokens), 97)):
+        write_token_file(shards / f"part-{k:05d}.bin", [tokens[start : start + 97]], 300)
+    run = workdir / "sharded"
+    run_apr("pretrain", "--init", workdir / "model.apr", "--data", shards, "--out", run,
+            "--steps", "12", "--save-every", "6", *FLAGS, check=True)
+    broken = _interrupt_after(run, workdir / "sharded-broken", 6)
+    run_apr("pretrain", "--resume", broken, check=True)
+    for got in (read_metrics(run), read_metrics(broken)):
+        for a, b in zip(read_metrics(uninterrupted), got, strict=True):
+            for key in ("loss", "val_loss"):
+                assert (a.get(key) is None) == (b.get(key) is None)
+                if a.get(key) is not None:
+                    assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+
+
 def test_resume_keeps_exact_weights_behind_a_bf16_checkpoint(workdir, tmp_path):
     base = dict(init=str(workdir / "model-bf16.apr"), data=str(workdir / "tokens.bin"), steps=8, batch_size=8,
                 seq_len=32, lr=3e-3, warmup=2, save_every=4, val_every=4, device="cpu")
@@ -81,7 +95,7 @@ def test_resume_keeps_exact_weights_behind_a_bf16_checkpoint(workdir, tmp_path):
     with open_apr(full.final) as f:
         assert {t.dtype for t in f.tensors()} == {"bf16"}
     broken = _interrupt_after(Path(full.run_dir), tmp_path / "broken", 4)
-    from apr_trainer.train import resume_config
+    from apr_trainer.config import resume_config
 
     resumed = train(resume_config(broken, {}))
     assert resumed.start_step == 4 and "fp32 master weights" in resumed.weights

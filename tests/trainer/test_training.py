@@ -10,26 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from apr_format import open_apr, save_apr
-from apr_format.architecture import ArchitectureConfig
-from apr_testing import build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
+from apr_format import open_apr
+from apr_testing import apr_from_hf, build_hf_checkpoint, learnable_tokens, read_metrics, run_apr
 from apr_trainer import checkpoint
+from apr_trainer.config import TrainConfig
 from apr_trainer.data import write_token_file
 from apr_trainer.model import DecoderLM
-from apr_trainer.train import TrainConfig, lr_at, train
+from apr_trainer.optim import lr_at
+from apr_trainer.train import train
 
 SEQ = 32
-
-
-def hf_to_apr(hf: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """The HF checkpoint as an .apr: its safetensors tensors plus canonical architecture metadata."""
-    from safetensors.torch import load_file
-
-    config = json.loads((hf / "config.json").read_text())
-    arch = ArchitectureConfig.from_metadata({"hf_config": config})
-    tensors = {name: t.to(dtype) for name, t in load_file(hf / "model.safetensors").items()}
-    save_apr(out, tensors, arch.to_metadata())
-    return out
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
@@ -39,7 +29,7 @@ def source(request, tmp_path_factory):
     hf = build_hf_checkpoint(folder / "hf", request.param, initializer_range=0.2)
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     write_token_file(folder / "tokens.bin", [np.random.default_rng(1).integers(0, vocab, 3000)], vocab)
-    return hf, hf_to_apr(hf, folder / "model.apr"), folder / "tokens.bin"
+    return hf, apr_from_hf(hf, folder / "model.apr"), folder / "tokens.bin"
 
 
 def transformers_val_loss(hf: Path, tokens: Path, val_fraction: float, windows: int) -> float:
@@ -120,7 +110,7 @@ def test_grad_accumulation_matches_the_full_batch(tmp_path, markov_file):
 
 
 def test_checkpoints_keep_input_metadata_dtype_and_tied_head(tmp_path, hf_qwen2, markov_file):
-    apr = hf_to_apr(hf_qwen2, tmp_path / "bf16.apr", torch.bfloat16)
+    apr = apr_from_hf(hf_qwen2, tmp_path / "bf16.apr", torch.bfloat16)
     with open_apr(apr) as f:
         source_meta = f.metadata
     summary = train(_config(tmp_path, markov_file, arch=None, init=str(apr), steps=4, save_every=2, val_every=0))

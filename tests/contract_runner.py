@@ -1,4 +1,7 @@
-"""Falsifier contracts: load and check a contract YAML, and run the tests it names with pytest."""
+"""Falsifier contracts (development only): load and check a contract YAML, run the tests it names with pytest.
+
+Used by `apr contract check` from a source checkout; tests/ is not installed with the package.
+"""
 
 from __future__ import annotations
 
