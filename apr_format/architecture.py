@@ -175,7 +175,7 @@ def read_architecture(path: str | os.PathLike) -> ArchitectureConfig:
     """
     from .reader import open_apr
 
-    with open_apr(path) as f:
+    with open_apr(path, use_mmap=False) as f:
         return architecture_of(f.metadata, f.keys(), f.path)
 
 

@@ -117,6 +117,10 @@ class ModelUnavailable(AprError):
     """A model id (hf://ORG/NAME) could not be resolved: unknown repo or revision, no network, not cached."""
 
 
+class MissingDependency(AprError):
+    """An optional package a command needs is not installed (the message says how to install it)."""
+
+
 class InvalidArchitectureConfig(AprError):
     """A user's architecture JSON (`--arch-config`) is not a usable architecture description."""
 

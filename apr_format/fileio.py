@@ -1,10 +1,9 @@
-"""Bulk byte work on file ranges in bounded memory: CRC-32, range reads and copies, byte equality, page release."""
+"""Bulk byte work on file ranges in bounded memory: CRC-32, range reads and copies, byte equality."""
 
 from __future__ import annotations
 
 import errno
 import functools
-import mmap
 import os
 import sys
 import zlib
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgument, Truncated
+from .sourceio import read_into
 
 CHUNK = 8 * 1024 * 1024  # bytes per step: large sequential I/O, yet a flat RSS whatever the tensor size
 CHUNK_VALUES = 4 * 1024 * 1024  # values converted per step (casts, dequantization): 16 MiB of float32
@@ -100,11 +100,12 @@ class FileRange:
 def copy_range(src: FileRange, out_fd: int, crc: int | None = None, writeback: Writeback | None = None) -> int | None:
     """Append `src`'s bytes to `out_fd` at its position; return `crc` continued over them (None: no CRC).
 
-    Memory stays at one CHUNK whatever the range: the CRC reads a private mapping whose pages are
-    released chunk by chunk. `writeback` (of `out_fd`) is told after every chunk.
+    Memory stays at one CHUNK whatever the range: the CRC reads each chunk with pread (never a memory
+    map, so a source cut short meanwhile is an error, not SIGBUS). `writeback` (of `out_fd`) is told
+    after every chunk.
 
     Raises:
-        Truncated: the file ends before the range does.
+        Truncated: the file ends before the range does (also when it is cut short while we copy).
     """
     with open(src.path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -115,52 +116,38 @@ def copy_range(src: FileRange, out_fd: int, crc: int | None = None, writeback: W
             return crc
         if crc is None and writeback is None and _kernel_copy(fh.fileno(), out_fd, src.offset, src.nbytes, src.path):
             return None  # nothing to read or report per chunk: one call
-        base = src.offset - src.offset % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(fh.fileno(), src.offset + src.nbytes - base, offset=base, access=mmap.ACCESS_READ)
-        try:
-            kernel = True  # until copy_file_range refuses this pair of files
-            for pos in range(src.offset - base, src.offset - base + src.nbytes, CHUNK):
-                n = min(CHUNK, src.offset + src.nbytes - base - pos)
-                with memoryview(mapping)[pos : pos + n] as chunk:
-                    kernel = kernel and _kernel_copy(fh.fileno(), out_fd, base + pos, n, src.path)
-                    if not kernel:
-                        _write_all(out_fd, chunk)
-                    if crc is not None:
-                        crc = crc32(chunk, crc)
-                release_pages(mapping, pos, n)
-                if writeback is not None:
-                    writeback.written()
-        finally:
-            _close(mapping)
+        buf = memoryview(bytearray(min(CHUNK, src.nbytes)))
+        kernel = True  # until copy_file_range refuses this pair of files
+        for pos in range(src.offset, src.offset + src.nbytes, CHUNK):
+            n = min(CHUNK, src.offset + src.nbytes - pos)
+            kernel = kernel and _kernel_copy(fh.fileno(), out_fd, pos, n, src.path)
+            if crc is not None or not kernel:
+                chunk = buf[:n]
+                read_into(fh.fileno(), pos, chunk, src.path)
+                if not kernel:
+                    _write_all(out_fd, chunk)
+                if crc is not None:
+                    crc = crc32(chunk, crc)
+            if writeback is not None:
+                writeback.written()
     return crc
 
 
-def crc32_fd(fd: int, offset: int, nbytes: int, crc: int = 0) -> int:
-    """`crc` continued over bytes offset..offset+nbytes of the open file `fd` (which must hold them), read
-    through a read-only mapping released chunk by chunk: the process's resident memory stays at one
-    CHUNK however large the range (the pages stay in the page cache)."""
+def crc32_fd(fd: int, offset: int, nbytes: int, crc: int = 0, path: str = "") -> int:
+    """`crc` continued over bytes offset..offset+nbytes of the open file `fd`, read with pread one CHUNK
+    at a time: resident memory stays at one CHUNK however large the range.
+
+    Raises:
+        Truncated: the file ends before the range does (`path` names it).
+    """
     if not nbytes:
         return crc
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(fd, offset + nbytes - base, offset=base, access=mmap.ACCESS_READ)
-    try:
-        for pos in range(offset - base, offset - base + nbytes, CHUNK):
-            n = min(CHUNK, offset + nbytes - base - pos)
-            with memoryview(mapping)[pos : pos + n] as chunk:
-                crc = crc32(chunk, crc)
-            release_pages(mapping, pos, n)
-    finally:
-        _close(mapping)
+    buf = memoryview(bytearray(min(CHUNK, nbytes)))
+    for pos in range(offset, offset + nbytes, CHUNK):
+        chunk = buf[: min(CHUNK, offset + nbytes - pos)]
+        read_into(fd, pos, chunk, path)
+        crc = crc32(chunk, crc)
     return crc
-
-
-def _close(mapping: mmap.mmap) -> None:
-    """Unmap; when a failed write (a full disk) still holds a view in its traceback, leave the unmapping
-    to the garbage collector rather than turn the OSError into a BufferError."""
-    try:
-        mapping.close()
-    except BufferError:
-        pass
 
 
 def _kernel_copy(src_fd: int, out_fd: int, offset: int, nbytes: int, path: str) -> bool:
@@ -185,13 +172,6 @@ def _kernel_copy(src_fd: int, out_fd: int, offset: int, nbytes: int, path: str) 
 def _write_all(fd: int, data: memoryview) -> None:
     while len(data):
         data = data[os.write(fd, data) :]
-
-
-def release_pages(mapping: mmap.mmap, start: int, nbytes: int) -> None:
-    """Drop a read-only mapping's pages for the range from this process (they stay in the page cache)."""
-    if nbytes and hasattr(mmap, "MADV_DONTNEED"):
-        aligned = start - start % mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, aligned, start + nbytes - aligned)
 
 
 def read_range(src: FileRange) -> bytes:

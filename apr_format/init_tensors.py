@@ -69,9 +69,10 @@ def load_init_tensors(
         config: the architecture to load for; default: the file's own (`read_architecture`).
         dtype: a torch dtype (or its name, "bfloat16" / "bf16") to cast to; None keeps the
             file's dtype. Quantized q4/q8 tensors are dequantized to float32 first.
-        device: where the tensors go. On "cpu" with the file's dtype the tensors are zero-copy
-            views of a private copy-on-write mapping (writing to them never touches the file);
-            the mapping lives as long as any of them does.
+        device: where the tensors go. The bytes are read with pread into memory the tensors own
+            (on "cpu" with the file's dtype, no further copy): a file cut short or rewritten by
+            another program, during loading or later in training, is a `Truncated` error or
+            nothing at all, never SIGBUS.
 
     Raises:
         MissingTensor / ShapeMismatch: one error naming every missing, mis-shaped or
@@ -82,9 +83,10 @@ def load_init_tensors(
         UnsupportedArchitecture, MissingConfigKey, UnsupportedFeature: from the architecture.
         FooterChecksum: the file's CRC-32 does not match its bytes (it is read once to check).
         NonFiniteWeights: a parameter holds NaN or Inf (named with the counts).
+        Truncated: the file was cut short while being read.
     """
     target_dtype = _torch_dtype(dtype, path)
-    with open_apr(path) as f:
+    with open_apr(path, use_mmap=False) as f:
         if config is None:
             config = architecture_of(f.metadata, f.keys(), f.path)
         _check_layer_count(f, config)

@@ -1,4 +1,4 @@
-"""Lazy, zero-copy reading of .apr files through mmap, with every structural check of the spec."""
+"""Lazy reading of .apr files (zero-copy through mmap, or pread copies), with every structural check of the spec."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import mmap
 import os
 import struct
 import warnings
+import stat
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +23,15 @@ from .constants import (
     MAX_NAME_LENGTH, MAX_NDIM, METADATA_OFFSET, MIN_INDEX_ENTRY_SIZE, DType, Flag,
 )
 from .errors import (
-    AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, Truncated, UnknownDType,
-    UnsupportedFeature, from_os_error, json_problem,
+    AprError, CorruptIndex, CorruptMetadata, FooterChecksum, MissingTensor, NotAFile, Truncated, UnknownDType,
+    Unreadable, UnsupportedFeature, from_os_error, json_problem,
 )
-from .fileio import CHUNK, crc32, crc32_fd
+from .fileio import crc32_fd
 from .integrity import footer_mismatch
 from .header import Header, unpack_header
+from .sourceio import check_size, mmap_is_safe, read_exact
 
+_MAX_INDEX_ENTRY = 2 + MAX_NAME_LENGTH + 2 + 8 * MAX_NDIM + 16
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,15 @@ class TensorInfo:
 class AprFile(Mapping):
     """An open .apr file: a read-only mapping of tensor name -> numpy array.
 
-    Parsing checks header, metadata and index; data stays on disk. `f["name"]` gives a view
-    into a private (copy-on-write) mapping, so writing to a returned array never touches the
-    file and never faults. `in`, `len`, `.get`, `.keys`, `.items` work as on a dict; a missing
-    name raises MissingTensor, which is also a KeyError.
+    Parsing checks header, metadata and index (read with pread); data stays on disk. `in`, `len`,
+    `.get`, `.keys`, `.items` work as on a dict; a missing name raises MissingTensor, which is also
+    a KeyError.
+
+    With `use_mmap` (the default on local file systems; None chooses) `f["name"]` is a view into a
+    private (copy-on-write) mapping, so writing to a returned array never touches the file; the
+    file's size is checked before each access, yet a program cutting the file short *during* an
+    access still kills the process with SIGBUS. Without it, every access is a pread copy and a
+    shrunken file is a `Truncated` error: what every CLI command and converter uses.
 
     Opening reads the header, metadata and index only: the footer CRC-32 is checked by
     `verify()` (one read of the whole file) or `StreamingVerifier` (while the bytes are read).
@@ -62,29 +71,35 @@ class AprFile(Mapping):
         BadMagic, Truncated, CorruptMetadata, CorruptIndex, UnknownDType, ...: a broken file.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, use_mmap: bool | None = None) -> None:
         self.path = os.fspath(path)
         self._map: mmap.mmap | None = None
-        try:
-            fh = open(self.path, "rb")
+        self._view: memoryview | None = None
+        try:  # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of waiting for a writer
+            self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             raise from_os_error(self.path, exc) from None
-        with fh:
-            stat = os.fstat(fh.fileno())
-            self.file_size = stat.st_size
-            self._identity = (stat.st_dev, stat.st_ino)
+        self._close_fd = weakref.finalize(self, os.close, self._fd)  # also when never closed explicitly
+        try:
+            info = os.fstat(self._fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise NotAFile(self.path, "is a folder, expected a file")
+            if not stat.S_ISREG(info.st_mode):
+                raise Unreadable(self.path, "is not a regular file (a pipe, socket or device)")
+            self.file_size = info.st_size
             if self.file_size == 0:
                 raise Truncated(self.path, "file is empty")
-            try:
-                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            except OSError as exc:  # a FIFO or device: nothing to map
-                raise from_os_error(self.path, exc) from None
-        try:
-            self._view = memoryview(self._map)
-            self.header: Header = unpack_header(self._view[:HEADER_SIZE], self.path)
+            self.header: Header = unpack_header(read_exact(self._fd, 0, min(HEADER_SIZE, self.file_size), self.path),
+                                                self.path)
             self._check_sections()
             self.metadata: dict[str, Any] = self._parse_metadata()
             self._tensors: dict[str, TensorInfo] = self._parse_index()
+            if use_mmap is None:
+                use_mmap = mmap_is_safe(self.path)
+            if use_mmap:
+                check_size(self._fd, self.file_size, self.path)
+                self._map = mmap.mmap(self._fd, self.file_size, access=mmap.ACCESS_COPY)
+                self._view = memoryview(self._map)
         except BaseException:
             self.close()
             raise
@@ -117,9 +132,9 @@ class AprFile(Mapping):
 
     def _parse_metadata(self) -> dict[str, Any]:
         h = self.header
-        raw = self._view[h.metadata_offset : h.metadata_offset + h.metadata_size]
         if not h.metadata_size:
             return {}
+        raw = read_exact(self._fd, h.metadata_offset, h.metadata_size, self.path)
         try:
             meta = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -130,8 +145,11 @@ class AprFile(Mapping):
         return {k: v for k, v in meta.items() if v is not None}
 
     def _parse_index(self) -> dict[str, TensorInfo]:
-        h, view = self.header, self._view
+        h = self.header
         pos, end = h.tensor_index_offset, h.data_offset
+        # Entries are at most _MAX_INDEX_ENTRY bytes: never read more than tensor_count of them need.
+        base = h.tensor_index_offset
+        view = read_exact(self._fd, base, min(end - base, h.tensor_count * _MAX_INDEX_ENTRY), self.path)
         data_room = self.file_size - FOOTER_SIZE - h.data_offset
         compressed = bool(h.flags & Flag.ZSTD)
         tensors: dict[str, TensorInfo] = {}
@@ -142,23 +160,23 @@ class AprFile(Mapping):
                     raise CorruptIndex(self.path, f"index entry {i} ({what}) runs past the index section end {end}")
 
             need(2, "name length")
-            (name_len,) = struct.unpack_from("<H", view, pos)
+            (name_len,) = struct.unpack_from("<H", view, pos - base)
             if name_len == 0 or name_len > MAX_NAME_LENGTH:
                 raise CorruptIndex(self.path, f"index entry {i}: name length {name_len} is not in 1..{MAX_NAME_LENGTH}")
             need(2 + name_len + 2, "name")
-            raw_name = bytes(view[pos + 2 : pos + 2 + name_len])
+            raw_name = bytes(view[pos - base + 2 : pos - base + 2 + name_len])
             try:
                 name = raw_name.decode("utf-8")
             except UnicodeDecodeError:
                 raise CorruptIndex(self.path, f"index entry {i}: name is not UTF-8") from None
             pos += 2 + name_len
-            code, ndim = view[pos], view[pos + 1]
+            code, ndim = view[pos - base], view[pos - base + 1]
             dtype = _lookup_dtype(code, self.path, name)
             if ndim > MAX_NDIM:
                 raise CorruptIndex(self.path, f"tensor {name!r}: ndim {ndim} exceeds {MAX_NDIM}")
             need(2 + 8 * ndim + 16, "shape, offset and size")
-            shape = struct.unpack_from(f"<{ndim}Q", view, pos + 2)
-            offset, size = struct.unpack_from("<QQ", view, pos + 2 + 8 * ndim)
+            shape = struct.unpack_from(f"<{ndim}Q", view, pos - base + 2)
+            offset, size = struct.unpack_from("<QQ", view, pos - base + 2 + 8 * ndim)
             pos += 2 + 8 * ndim + 16
             if previous is not None and raw_name <= previous:
                 problem = "duplicate tensor name" if raw_name == previous else "index is not sorted by name at"
@@ -204,6 +222,11 @@ class AprFile(Mapping):
             last_end, last_name = info.offset + info.size, info.name
 
     # -- access --------------------------------------------------------------------------
+    @property
+    def mapped(self) -> bool:
+        """Whether tensor access hands out views of a memory map (else pread copies)."""
+        return self._view is not None
+
     @property
     def flags(self) -> Flag:
         """The header's flag bits."""
@@ -256,8 +279,7 @@ class AprFile(Mapping):
             MissingTensor (a KeyError): no tensor of that name.
         """
         info = self.info(name)
-        start = self.header.data_offset + info.offset
-        return self._live_view()[start : start + info.size]
+        return self._bytes_at(self.header.data_offset + info.offset, info.size)
 
     def raw(self, name: str) -> memoryview:
         """The tensor's decoded bytes: zero-copy unless the file is zstd-compressed.
@@ -340,45 +362,41 @@ class AprFile(Mapping):
         return flat.reshape(info.shape)
 
     def verify(self) -> None:
-        """Check the footer CRC-32 over the whole file (reads every byte once, in bounded memory).
+        """Check the footer CRC-32 over the whole file (reads every byte once with pread, in bounded
+        memory, from the file this object opened even if its path was replaced since).
 
         To check while reading the tensors anyway, use `StreamingVerifier` instead.
 
         Raises:
             FooterChecksum: the stored CRC does not match the content.
+            Truncated: the file was cut short while being read.
         """
-        view = self._live_view()
+        fd = self._open_fd()
         body = self.file_size - FOOTER_SIZE
-        crc = self._crc_unmapped(body)
-        if crc is None:  # the path now names another file: check the bytes this object maps
-            crc = 0
-            for start in range(0, body, CHUNK):
-                crc = crc32(view[start : min(start + CHUNK, body)], crc)
-        (stored,) = struct.unpack_from("<I", view, body)
+        (stored,) = struct.unpack_from("<I", read_exact(fd, body, 4, self.path))
+        crc = crc32_fd(fd, 0, body, path=self.path)
         if crc != stored:
             raise FooterChecksum(self.path, footer_mismatch(stored, crc, self.trailing_bytes))
 
-    def _crc_unmapped(self, nbytes: int) -> int | None:
-        """CRC-32 of the first `nbytes` read through a fresh read-only mapping released as it goes, so
-        checking never makes the file resident in this process (a training rank then holds only the rows
-        it reads); None when the path no longer names the file this object opened."""
-        try:
-            with open(self.path, "rb") as fh:
-                stat = os.fstat(fh.fileno())
-                if (stat.st_dev, stat.st_ino) != self._identity or stat.st_size != self.file_size:
-                    return None
-                return crc32_fd(fh.fileno(), 0, nbytes)
-        except OSError:
-            return None
+    def _bytes_at(self, start: int, nbytes: int) -> memoryview:
+        """File bytes start..start+nbytes: a view of the mapping (after a size check) or a pread copy."""
+        fd = self._open_fd()
+        if self._view is None:
+            return memoryview(read_exact(fd, start, nbytes, self.path))
+        check_size(fd, self.file_size, self.path)
+        return self._view[start : start + nbytes]
 
-    def _live_view(self) -> memoryview:
-        if self._map is None:
+    def _open_fd(self) -> int:
+        if self._fd is None:
             raise AprError(self.path, "file is closed")
-        return self._view
+        return self._fd
 
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the mapping (left to the garbage collector while views are still alive)."""
+        """Release the file and mapping (the mapping is left to the garbage collector while views are alive)."""
+        self._fd = None
+        if hasattr(self, "_close_fd"):
+            self._close_fd()
         view, self._view = getattr(self, "_view", None), None
         mapping, self._map = self._map, None
         if view is not None:
@@ -428,9 +446,13 @@ def _dtype_of(info: TensorInfo) -> DType:
     return DTYPE_BY_NAME[info.dtype]
 
 
-def open_apr(path: str | os.PathLike) -> AprFile:
+def open_apr(path: str | os.PathLike, *, use_mmap: bool | None = None) -> AprFile:
     """Open an .apr file lazily: header, metadata and index are parsed and checked, tensor bytes
-    stay on disk until asked for. Use it as a context manager to release the mapping.
+    stay on disk until asked for. Use it as a context manager to release the file.
+
+    `use_mmap`: True hands out zero-copy views; False reads every tensor with pread (a file cut
+    short meanwhile is a `Truncated` error, never SIGBUS); None (default) maps unless the file lies
+    on a network or FUSE file system, or APR_NO_MMAP=1 is set.
 
     Returns:
         An `AprFile`: a read-only mapping of tensor name -> numpy array, with `.metadata`,
@@ -441,4 +463,4 @@ def open_apr(path: str | os.PathLike) -> AprFile:
         BadMagic (another kind of file), LegacyFormat, UnsupportedVersion, HeaderChecksum,
         Truncated, CorruptMetadata, CorruptIndex, UnknownDType, ColumnMajor, UnsupportedFeature.
     """
-    return AprFile(path)
+    return AprFile(path, use_mmap=use_mmap)

@@ -84,6 +84,63 @@ def _create_locked(dest: str, make: Callable[[str], tuple[int, str]]) -> tuple[i
         os.close(fd)
 
 
+def live_writers(dest: str | os.PathLike) -> list[int | None]:
+    """The PIDs of the processes writing `dest` right now (holding the lock on one of its temps);
+    None for a writer whose PID the kernel does not tell (no /proc/locks)."""
+    if fcntl is None:
+        return []
+    folder = os.path.dirname(os.path.abspath(os.fspath(dest)))
+    try:
+        names = [n for n in os.listdir(folder) if is_temp_name(n, dest)]
+    except OSError:
+        return []
+    pids = []
+    for name in names:
+        try:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not try_lock(fd):
+                pids.append(lock_holder(fd))
+        finally:
+            os.close(fd)
+    return pids
+
+
+def lock(fd: int) -> None:
+    """Take the exclusive flock on `fd`, waiting for any other holder."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def try_lock(fd: int) -> bool:
+    """Take the exclusive flock on `fd` without waiting; False when another open file holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock_holder(fd: int) -> int | None:
+    """The PID holding a flock on the file open as `fd`, from /proc/locks (None where unknown)."""
+    info = os.fstat(fd)
+    key = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 2345 fe:00:260072 0 EOF"; waiters have "->" after "1:"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
 def remove_stale(dest: str | os.PathLike) -> list[str]:
     """Delete `dest`'s temp files and folders that no living writer holds; returns their paths.
 

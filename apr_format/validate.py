@@ -120,7 +120,7 @@ def validate_file(path: str | os.PathLike) -> ValidationReport:
         if not _check_header(report, fh.read(HEADER_SIZE)):
             return report
         try:
-            apr = open_apr(report.path)
+            apr = open_apr(report.path, use_mmap=False)
         except AprError as exc:
             report.add(_stage_of(exc, _BODY_STAGES, "structure"), False, exc.problem)
             return report

@@ -43,8 +43,9 @@ class AprWriter:
     """Collects tensors (or producers of them) and writes the file atomically on `close()`.
 
     Nothing touches the destination until every byte is in a temp file beside it, fsynced;
-    then `os.replace` puts it in place. Memory stays bounded by the largest single tensor
-    when tensors are given as zero-argument callables (each is called once, while writing).
+    then it is renamed into place (without `overwrite`, only where no file is: `OutputExists`
+    otherwise). Memory stays bounded by the largest single tensor when tensors are given as
+    zero-argument callables (each is called once, while writing).
     """
 
     def __init__(
@@ -55,9 +56,11 @@ class AprWriter:
         compression: str | None = None,
         flags: int = 0,
         before_publish: Callable[[], None] | None = None,
+        overwrite: bool = True,
     ) -> None:
         """`before_publish` runs once every byte is written, before the file takes the destination's
-        place: raising there (e.g. the source's checksum did not match) leaves the destination as it was."""
+        place: raising there (e.g. the source's checksum did not match) leaves the destination as it was.
+        `overwrite=False` publishes only where no file is (atomically: of two writers, one wins)."""
         if compression not in (None, "zstd"):
             raise InvalidArgument(path, f"unknown compression {compression!r} (choose zstd or none)")
         self.path = os.fspath(path)
@@ -65,6 +68,7 @@ class AprWriter:
         self.compression = compression
         self.flags = Flag(flags)
         self.before_publish = before_publish
+        self.overwrite = overwrite
         self._planned: dict[str, _Planned] = {}
         self._closed = False
 
@@ -143,7 +147,7 @@ class AprWriter:
             flags=int(flags), tensor_count=len(entries), metadata_size=len(meta),
             tensor_index_offset=index_offset, data_offset=data_offset,
         )
-        with atomic.replacing(self.path) as out:
+        with atomic.replacing(self.path, overwrite=self.overwrite) as out:
             if self.compression:
                 self._write_compressed(out, header, meta, entries, index_size)
             else:

@@ -66,7 +66,7 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 
 def summarize_apr(path: str) -> dict[str, Any]:
     """The `apr inspect --json` document of an .apr file (reads header, metadata and index only)."""
-    with open_apr(path) as apr:
+    with open_apr(path, use_mmap=False) as apr:
         entries = [Entry(t.name, t.dtype, t.shape, t.numel, t.size) for t in apr.tensors()]
         header = {field: getattr(apr.header, field) for field in _HEADER_FIELDS}
         return {

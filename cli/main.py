@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("apr_cli.pretrain_cmd:pretrain_cmd", "Train from --init model.apr or a built-in architecture."),
     "train": ("apr_cli.pretrain_cmd:pretrain_cmd", "Alias of `apr pretrain`."),
     "tokenize": ("apr_cli.tokenize_cmd:tokenize_cmd", "Tokenize text (.txt/.jsonl/.parquet, any size) into token shards for training."),
+    "plot": ("apr_cli.plot_cmd:plot_cmd", "Draw training curves of run folders (metrics.jsonl) as a PNG."),
     "contract": ("apr_cli.contract_cmd:contract_cmd", "Check a falsifier contract file (development, needs a checkout)."),
     "eval": ("apr_cli.eval_cmd:eval_cmd", "Perplexity of a model on text or tokens."),
     "run": ("apr_cli.run_cmd:run_cmd", "Generate a continuation of a prompt."),

@@ -60,7 +60,7 @@ def tensors_cmd(ctx: click.Context, path: str, pattern: str | None, as_json: boo
 
 def list_apr(path: str) -> dict[str, Any]:
     """Every index entry of an .apr; `offset` is absolute (data_offset + the index's relative offset)."""
-    with open_apr(path) as apr:
+    with open_apr(path, use_mmap=False) as apr:
         compressed = bool(apr.header.flags & Flag.ZSTD)
         tensors = []
         for t in apr.tensors():

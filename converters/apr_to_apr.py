@@ -21,7 +21,7 @@ from apr_format.param_count import count_parameters
 from .apr_to_hf import NO_VERIFY_HINT
 from .dtype_cast import cast_chunks
 from .hf_to_apr import TARGET_DTYPES, ConversionReport, Progress, with_dtype
-from .mapped import AprStream
+from .source_files import AprStream
 from .metadata import HF_CONFIG, HF_CONFIG_TEXT
 
 KEEP = "keep"  # compression / head copy: as the source has it
@@ -68,7 +68,7 @@ def reencode_apr(
     if dtype is not None and dtype not in TARGET_DTYPES:
         raise InvalidArgument(dst, f"--dtype {dtype!r} is not one of {', '.join(TARGET_DTYPES)}")
     check_output_file(dst, force, src=src)
-    with open_apr(src) as apr:
+    with open_apr(src, use_mmap=False) as apr:
         verifier = StreamingVerifier(apr, NO_VERIFY_HINT) if verify else None
         stream = AprStream(apr, verifier)
         try:
@@ -78,7 +78,7 @@ def reencode_apr(
             meta = _metadata(apr.metadata, plan, dtype, apr)
             flags = int(apr.flags) & ~int(Flag.ZSTD | Flag.QUANTIZED | Flag.LAYOUT_ROW_MAJOR)
             total = sum(p.nbytes for p in plan)
-            writer = AprWriter(dst, meta, compression=compression, flags=flags,
+            writer = AprWriter(dst, meta, compression=compression, flags=flags, overwrite=force,
                                before_publish=verifier.finish if verifier is not None else None)
             for p in plan:
                 writer.add(p.name, _producer(apr, stream, p, progress, total), dtype=p.dtype, shape=p.shape)

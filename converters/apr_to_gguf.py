@@ -22,7 +22,7 @@ from apr_format.quants import q4_to_ggml_q4_0
 
 from .apr_to_hf import Progress, tied_head_copy
 from .dtype_cast import cast, to_float
-from .mapped import AprStream
+from .source_files import AprStream
 from .metadata import HF_CONFIG, HF_FILES
 from .tokenizer_to_gguf import GgufVocab, gguf_vocab
 
@@ -96,7 +96,7 @@ def export_apr_to_gguf(
     except ImportError:
         raise UnsupportedFeature(dst, "GGUF export needs the 'gguf' package: pip install 'apr-toolkit[gguf]'") from None
 
-    with open_apr(src) as apr:
+    with open_apr(src, use_mmap=False) as apr:
         meta = apr.metadata
         family = _family(meta, src)
         arch = _GGUF_ARCH[family.name]
@@ -113,7 +113,7 @@ def export_apr_to_gguf(
                 report.tokenizer_pre = vocab.values["pre"]
                 report.warnings += vocab.warnings
             report.types = dict(sorted(Counter(p.ggml for p in plan).items()))
-            with replacing(dst) as out:
+            with replacing(dst, overwrite=force) as out:
                 writer = _writer(gguf, out, arch)
                 _add_keys(writer, gguf, keys, vocab, plan, meta)
                 total = sum(_nbytes(gguf, p) for p in plan)

@@ -22,7 +22,7 @@ from apr_format.integrity import StreamingVerifier
 from apr_format.safetensors_writer import OutTensor, apr_nbytes, file_size, layout, write_safetensors
 
 from .hf_source import INDEX_FILE, SINGLE_FILE
-from .mapped import AprStream
+from .source_files import AprStream
 from .metadata import HF_FILES, HF_INDEX, SOURCE_METADATA, hf_config_text
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -99,11 +99,11 @@ def export_apr_to_hf(
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE, out_dir)
     check_output_folder(out_dir, force)
     report = ExportReport(source=src, output=out_dir)
-    with open_apr(src) as apr, _closing(AprStream(apr, _verifier(apr, verify))) as stream:
+    with open_apr(src, use_mmap=False) as apr, _closing(AprStream(apr, _verifier(apr, verify))) as stream:
         tensors, report.dropped = _tensors(apr, stream, progress)
         shards = (_source_split(tensors, apr.metadata) if max_shard_size is None else None) \
             or _shard(tensors, limit, apr.metadata)
-        with replacing_folder(out_dir) as tmp:
+        with replacing_folder(out_dir, overwrite=force) as tmp:
             report.files, report.config_written = _write_folder(tmp, apr, shards)
             _finish(stream)
     report.tensor_count = len(tensors)
@@ -158,7 +158,7 @@ def export_apr_to_safetensors(
     if stream is None:
         check_output_file(dst_name, force, example="model.safetensors")
     report = ExportReport(source=src, output=str(dst_name))
-    with open_apr(src) as apr, _closing(AprStream(apr, _verifier(apr, verify))) as source:
+    with open_apr(src, use_mmap=False) as apr, _closing(AprStream(apr, _verifier(apr, verify))) as source:
         if stream is not None and source.verifier is not None:
             source.verifier.finish()  # bytes sent down a pipe cannot be taken back: check first
             source.verifier = None
@@ -167,7 +167,7 @@ def export_apr_to_safetensors(
         if stream is not None:
             write_safetensors(stream, tensors, meta)
         else:
-            with replacing(dst_name) as out:
+            with replacing(dst_name, overwrite=force) as out:
                 write_safetensors(out, tensors, meta)
                 _finish(source)
             report.files = [dst_name]

@@ -23,7 +23,7 @@ from .apr_to_hf import NO_VERIFY_HINT
 from .dtype_cast import to_float
 from .gguf_source import GgufValues
 from .hf_source import HfSource, open_hf_source
-from .mapped import AprStream
+from .source_files import AprStream
 
 # Keys that say where and when a file was made, not what it holds: reported, never counted.
 IGNORED_KEYS = frozenset(("created_at", "source", "name"))
@@ -117,7 +117,7 @@ class _Side:
             self.kind = "gguf"
             self.infos = dict(self.gguf.infos)
         elif kind in ("apr", "apr-v1"):  # open_apr names a v1 file
-            self.apr = open_apr(path)
+            self.apr = open_apr(path, use_mmap=False)
             self.stream = AprStream(self.apr, StreamingVerifier(self.apr, NO_VERIFY_HINT) if verify else None)
             self.kind = "apr"
             self.infos = {t.name: (t.dtype, t.shape) for t in self.apr.tensors()}

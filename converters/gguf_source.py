@@ -90,7 +90,7 @@ class GgufValues:
 
     def chunks(self, name: str, step: int) -> Iterator[memoryview]:
         """The tensor's values (HF layout) as bytes, in chunks of `step`."""
-        data = memoryview(np.ascontiguousarray(convert_tensor(self._entries[name]))).cast("B")
+        data = memoryview(np.ascontiguousarray(convert_tensor(self._entries[name], self.path))).cast("B")
         for start in range(0, len(data), step):
             yield data[start : start + step]
 

@@ -26,6 +26,7 @@ from apr_format.families import (
     GGUF_ARCHITECTURES, GGUF_CONFIG_DEFAULTS, GGUF_CONFIG_KEYS, GGUF_REQUIRED_KEYS, GGUF_TOKEN_ID_KEYS,
     expected_tensors, get_family, gguf_to_hf_name, map_config, permute_heads_key,
 )
+from apr_format.sourceio import read_exact
 
 from .dtype_cast import cast
 from .gguf_tokenizer import tokenizer_files
@@ -137,9 +138,9 @@ def convert_gguf(
     quant = QuantReport.for_plan(quantize, [(e.name, e.dtype) for e in entries])
     if quant is not None:
         metadata.update(quant.metadata())
-    with AprWriter(dst, metadata, flags=flags) as writer:
+    with AprWriter(dst, metadata, flags=flags, overwrite=force) as writer:
         for entry in entries:
-            writer.add(entry.name, _loader(entry, progress, total_size, quant, src), dtype=entry.dtype, shape=entry.shape)
+            writer.add(entry.name, _loader(entry, src, progress, total_size, quant), dtype=entry.dtype, shape=entry.shape)
     return GgufReport(
         source=src, output=dst, architecture=arch, family=family.name, tensor_count=len(entries),
         param_count=param_count, total_size=total_size, bytes_written=os.path.getsize(dst), dtype=dtype,
@@ -473,15 +474,15 @@ def _check_type(t: Any, src: str) -> None:
 
 
 def _loader(
-    entry: _Entry, progress: Progress | None, total: int, quant: QuantReport | None = None, src: str | None = None
+    entry: _Entry, src: str, progress: Progress | None, total: int, quant: QuantReport | None = None
 ) -> Callable[[], np.ndarray | bytes]:
     """Zero-argument producer of one output tensor (called once, while the writer streams)."""
 
     def load() -> np.ndarray | bytes:
         if quant is not None and entry.dtype == quant.kind:
-            result = quant.pack(entry.name, convert_tensor(replace(entry, dtype="f32")), src)
+            result = quant.pack(entry.name, convert_tensor(replace(entry, dtype="f32"), src), src)
         else:
-            result = convert_tensor(entry)
+            result = convert_tensor(entry, src)
         if progress is not None:
             progress(entry.name, _nbytes(entry), total)
         return result
@@ -489,7 +490,7 @@ def _loader(
     return load
 
 
-def convert_tensor(entry: _Entry) -> np.ndarray:
+def convert_tensor(entry: _Entry, src: str) -> np.ndarray:
     """The output bytes of one tensor, dequantized a block of rows at a time (bounded memory).
 
     Every GGML type quantizes rows independently, so llama.cpp's q/k row permutation is undone
@@ -498,7 +499,7 @@ def convert_tensor(entry: _Entry) -> np.ndarray:
     import gguf
 
     t = entry.tensor
-    stored = np.asarray(t.data)  # typed values for F32/F16, uint8 [rows, bytes per row] otherwise
+    stored = _stored(t, src)  # typed values for F32/F16, uint8 [rows, bytes per row] otherwise
     if entry.heads:
         stored = unpermute(stored, entry.heads)
     if entry.dtype in KEEP_RAW.values():
@@ -514,6 +515,17 @@ def convert_tensor(entry: _Entry) -> np.ndarray:
             values = cast(memoryview(values).cast("B"), "f32", entry.dtype)
         out_rows[start : start + step] = values.reshape(-1, out_rows.shape[1])
     return out
+
+
+def _stored(t: Any, src: str) -> np.ndarray:
+    """The tensor's stored values as gguf-py describes them, read with pread rather than through its
+    memory map: a file cut short meanwhile is then a `Truncated` error, not SIGBUS."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        raw = read_exact(fd, int(t.data_offset), int(t.n_bytes), src)
+    finally:
+        os.close(fd)
+    return np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
 
 
 def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Lazy, zero-copy access to an HF checkpoint (folder, sharded folder or bare .safetensors) via mmap."""
+"""Lazy access to an HF checkpoint (folder, sharded folder or bare .safetensors): headers parsed, tensors read on demand."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from apr_format.errors import CorruptSource, MissingTensor, from_os_error
 from apr_format.fileio import CHUNK
 from apr_format.sniff import SNIFF_BYTES, describe, identify_bytes
 
-from .mapped import MappedFiles
-from .safetensors_io import HeaderEntry, parse_header
+from .source_files import SourceFiles
+from .safetensors_io import MAX_HEADER_SIZE, HeaderEntry, parse_header
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,7 +43,7 @@ class SourceTensor:
 
 
 class HfSource:
-    """An opened HF checkpoint: parsed config, every tensor's location, mmaps of the weight files."""
+    """An opened HF checkpoint: parsed config, every tensor's location, the open weight files."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
@@ -54,7 +54,7 @@ class HfSource:
         self.extra_files: dict[str, str] = {}
         self.index: dict[str, Any] | None = None
         self.file_metadata: dict[str, dict[str, str]] = {}
-        self._mapped = MappedFiles()
+        self._files = SourceFiles()
         try:
             self._open()
         except BaseException:
@@ -129,7 +129,7 @@ class HfSource:
     def _add_files(self, files: list[str]) -> None:
         found: dict[str, SourceTensor] = {}
         for file in files:
-            entries, meta = self._map_file(file)
+            entries, meta = self._read_header(file)
             self.files.append(file)
             self.file_metadata[file] = meta
             for e in entries:
@@ -140,29 +140,31 @@ class HfSource:
                 found[e.name] = SourceTensor(e.name, e.dtype, e.shape, file, e.start, e.nbytes)
         self.tensors = dict(sorted(found.items()))
 
-    def _map_file(self, file: str) -> tuple[list[HeaderEntry], dict[str, str]]:
-        view = self._mapped.open(file)
-        kind = identify_bytes(bytes(view[:SNIFF_BYTES]))
+    def _read_header(self, file: str) -> tuple[list[HeaderEntry], dict[str, str]]:
+        size = self._files.open(file)
+        head = self._files.read(file, 0, min(size, SNIFF_BYTES))
+        kind = identify_bytes(bytes(head))
         if kind not in ("safetensors", "binary", "empty"):  # let the header parser say what is wrong with those
             raise CorruptSource(file, f"is {describe(kind)}, not safetensors")
-        return parse_header(view, file)
+        if size >= 8:  # the header's length, then the header (parse_header checks both against `size`)
+            header_len = int.from_bytes(head[:8], "little")
+            head = self._files.read(file, 0, min(size, 8 + header_len, 8 + MAX_HEADER_SIZE))
+        return parse_header(head, file, size)
 
     # -- access --------------------------------------------------------------------------
     def raw(self, name: str) -> memoryview:
-        """The tensor's bytes as a read-only zero-copy view into the file mapping."""
-        tensor = self._tensor(name)
-        return self._mapped.view(tensor.file, tensor.start, tensor.nbytes)
+        """The tensor's bytes (a copy read from the file).
 
-    def stream(self, name: str) -> memoryview:
-        """`raw(name)`, first dropping the pages of the tensor streamed before it from this
-        process, so a pass over every tensor keeps RSS near the largest tensor."""
+        Raises:
+            Truncated: the file was cut short since it was opened.
+        """
         tensor = self._tensor(name)
-        return self._mapped.stream(tensor.file, tensor.start, tensor.nbytes)
+        return self._files.read(tensor.file, tensor.start, tensor.nbytes)
 
     def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
-        """The tensor's bytes in chunks of `step`, each chunk's pages released after use."""
+        """The tensor's bytes in chunks of `step` (copies): memory stays at one chunk."""
         tensor = self._tensor(name)
-        return self._mapped.chunks(tensor.file, tensor.start, tensor.nbytes, step)
+        return self._files.chunks(tensor.file, tensor.start, tensor.nbytes, step)
 
     def _tensor(self, name: str) -> SourceTensor:
         tensor = self.tensors.get(name)
@@ -176,8 +178,8 @@ class HfSource:
         return sum(t.nbytes for t in self.tensors.values())
 
     def close(self) -> None:
-        """Release the mappings (left to the garbage collector while views are still alive)."""
-        self._mapped.close()
+        """Close the weight files."""
+        self._files.close()
 
     def __enter__(self) -> "HfSource":
         return self

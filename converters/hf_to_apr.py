@@ -113,7 +113,7 @@ def convert_hf_to_apr(
             meta[HF_INDEX] = {"metadata": source.index["metadata"], "weight_map": source.index["weight_map"]}
         if quant is not None:
             meta.update(quant.metadata())
-        writer = AprWriter(dst, meta, compression=compression, flags=flags)
+        writer = AprWriter(dst, meta, compression=compression, flags=flags, overwrite=force)
         for p in plan:
             writer.add(p.name, _producer(source, p, progress, total_size, quant), dtype=p.dtype, shape=p.source.shape)
         writer.close()

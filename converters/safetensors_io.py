@@ -23,8 +23,11 @@ class HeaderEntry:
     nbytes: int
 
 
-def parse_header(view: memoryview | bytes, path: str) -> tuple[list[HeaderEntry], dict[str, str]]:
-    """Parse and check a whole safetensors file's header (given the file's bytes, e.g. an mmap).
+def parse_header(
+    view: memoryview | bytes, path: str, size: int | None = None
+) -> tuple[list[HeaderEntry], dict[str, str]]:
+    """Parse and check a safetensors file's header, given the file's first bytes (at least the
+    header's) and the file's `size` (default: `view` is the whole file).
 
     Returns the tensor entries (sorted by name) and the `__metadata__` string map.
 
@@ -33,7 +36,7 @@ def parse_header(view: memoryview | bytes, path: str) -> tuple[list[HeaderEntry]
         CorruptSource: malformed header JSON, bad shapes, offsets or overlapping tensors.
         UnknownDType: a dtype APR has no code for (the tensor is named).
     """
-    size = len(view)
+    size = len(view) if size is None else size
     if size < 8:
         raise Truncated(path, f"file is {size} bytes, too short for a safetensors header length")
     (header_len,) = struct.unpack_from("<Q", view, 0)

@@ -141,6 +141,19 @@ def _limits(fsize: int | None):
     return apply if fsize is not None else None
 
 
+def _command(args, prelude: str | None) -> list[str]:
+    """The command line of `apr ARGS`; with `prelude`, Python run in the same process before the CLI."""
+    if prelude is None:
+        return [*APR_COMMAND, *map(str, args)]
+    code = f"{prelude}\nimport sys\nfrom apr_cli.main import main\nsys.argv = ['apr', *sys.argv[1:]]\nmain()"
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def _text(proc_args, returncode: int, stdout: bytes, stderr: bytes) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(proc_args, returncode, stdout.decode("utf-8", "replace"),
+                                       stderr.decode("utf-8", "replace"))
+
+
 def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None = None, fsize: int | None = None,
             prelude: str | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the installed `apr` CLI in a subprocess and capture its output as text.
@@ -148,16 +161,9 @@ def run_apr(*args: str | os.PathLike, check: bool = False, input: bytes | None =
     `fsize` caps the size of any file it writes (EFBIG past it); `prelude` is Python run before the
     CLI in the same process (for injected faults).
     """
-    if prelude is None:
-        command = [*APR_COMMAND, *map(str, args)]
-    else:
-        code = f"{prelude}\nimport sys\nfrom apr_cli.main import main\nsys.argv = ['apr', *sys.argv[1:]]\nmain()"
-        command = [sys.executable, "-c", code, *map(str, args)]
-    proc = subprocess.run(command, capture_output=True, env=apr_env(), input=input, timeout=timeout, cwd=cwd,
-                          preexec_fn=_limits(fsize), check=False)
-    out = subprocess.CompletedProcess(
-        proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
-    )
+    proc = subprocess.run(_command(args, prelude), capture_output=True, env=apr_env(), input=input, timeout=timeout,
+                          cwd=cwd, preexec_fn=_limits(fsize), check=False)
+    out = _text(proc.args, proc.returncode, proc.stdout, proc.stderr)
     if check and out.returncode != 0:
         raise AssertionError(f"apr {' '.join(map(str, args))} exited {out.returncode}:\n{out.stderr}")
     return out
@@ -175,13 +181,20 @@ def torchrun(*args: str | os.PathLike, nproc: int = 2, timeout: float = 600) -> 
                           timeout=timeout, check=False)
 
 
-def popen_apr(*args: str | os.PathLike, cwd: Path | None = None, capture: bool = False,
+def popen_apr(*args: str | os.PathLike, cwd: Path | None = None, prelude: str | None = None, capture: bool = False,
               env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `apr ARGS` without waiting (for the kill tests); output is discarded unless `capture`
-    (then text pipes: read them with `communicate()`). `env`: extra environment variables."""
+    """Start `apr ARGS` without waiting (for the kill and race tests); output is discarded unless
+    `capture` (then text pipes: read them with `communicate()` or `finish`). `prelude` as for
+    `run_apr`; `env`: extra environment variables."""
     out = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen([*APR_COMMAND, *map(str, args)], stdout=out, stderr=out, env={**apr_env(), **(env or {})},
-                            cwd=cwd, text=capture)
+    return subprocess.Popen(_command(args, prelude), stdout=out, stderr=out, env={**apr_env(), **(env or {})},
+                            cwd=cwd, text=capture, errors="replace" if capture else None)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a `popen_apr(..., capture=True)` process; its result with text output."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout or "", stderr or "")
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 
 from apr_format.atomic import replacing
-from apr_format.errors import CorruptSource, InvalidArgument
+from apr_format.errors import CorruptSource, InvalidArgument, from_os_error
+from apr_format.sourceio import read_exact
 
 from .corpus import KNOWN_SUFFIXES, ReadOptions, find_inputs, input_notes, kind_of, read_pieces
 from .shards import DTYPES, INDEX_NAME, JOB_NAME, SIDECAR_FORMAT, read_index, sidecar_path, token_dtype
 from .tokenization import TokenizerInfo, cuts_at_newlines, encode_pieces, eos_note
 
 TOKEN_SUFFIX = ".bin"
-_MAX_SCAN = 1 << 24  # elements per chunk when scanning a memmap for its largest id
+_MAX_SCAN = 1 << 24  # elements per chunk when scanning a token file for its largest id
 _GLOB = re.compile(r"[*?[]")
 
 
@@ -37,8 +38,49 @@ class TokenFileInfo:
     eos_id: int | None = None
 
 
+class TokenFile:
+    """A token file read with pread, one slice at a time: no memory map, so a file cut short by another
+    program while training reads it is a `Truncated` error naming it, never SIGBUS (and network file
+    systems are read with plain reads). The file is opened for each read, so a corpus of many
+    thousands of shards holds no file descriptors between reads."""
+
+    def __init__(self, path: str | os.PathLike, dtype: np.dtype, count: int) -> None:
+        self.path, self.dtype, self._count = os.fspath(path), dtype, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        """Tokens of a contiguous slice, as a new array of the file's dtype.
+
+        Raises:
+            Truncated: the file is shorter than when it was opened (cut short by another program).
+        """
+        if not isinstance(key, slice):
+            raise TypeError(f"TokenFile takes a slice, not {type(key).__name__}")
+        start, stop, step = key.indices(self._count)
+        if step != 1:
+            raise ValueError("TokenFile slices are contiguous (step 1)")
+        size = self.dtype.itemsize
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise from_os_error(self.path, exc) from None
+        try:
+            data = read_exact(fd, start * size, max(0, stop - start) * size, self.path)
+        finally:
+            os.close(fd)
+        return np.frombuffer(data, self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def tolist(self) -> list[int]:
+        return self[:].tolist()
+
+
 class TokenStream:
-    """One or more 1-D token arrays (memmaps or in memory) seen as a single sequence."""
+    """One or more 1-D token arrays (token files or in memory) seen as a single sequence."""
 
     def __init__(self, parts: list[np.ndarray], source: str, info: TokenFileInfo | None = None,
                  tokenizer: TokenizerInfo | None = None, notes: list[str] | None = None) -> None:
@@ -64,7 +106,7 @@ class TokenStream:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def max_id(self) -> int:
-        """The largest token id (scans memmaps in bounded chunks)."""
+        """The largest token id (scans token files in bounded chunks)."""
         best = -1
         for part in self.parts:
             for begin in range(0, len(part), _MAX_SCAN):
@@ -74,7 +116,7 @@ class TokenStream:
 
 def open_tokens(path: str | os.PathLike, tokenizer: Callable[[], TokenizerInfo] | None = None) -> TokenStream:
     """Open training data: token .bin files (sidecar or bare aprender u32) given as a file, a folder, a
-    glob or an `apr tokenize` index.json, memory-mapped; or text (.txt/.md, JSON lines, Parquet,
+    glob or an `apr tokenize` index.json, read with pread a window at a time; or text (.txt/.md, JSON lines, Parquet,
     compressed, folders or globs of them), tokenized in memory with `tokenizer()`, called only then.
 
     Raises:
@@ -139,8 +181,8 @@ def _open_shards(files: list[Path], source: Path) -> TokenStream:
     return TokenStream([arr for arr, _ in opened], os.fspath(source), first)
 
 
-def open_token_file(path: str | os.PathLike) -> tuple[np.ndarray, TokenFileInfo]:
-    """Memory-map one token file. No sidecar means aprender's little-endian u32 (spec).
+def open_token_file(path: str | os.PathLike) -> tuple[TokenFile, TokenFileInfo]:
+    """Open one token file for reading (`TokenFile`). No sidecar means aprender's little-endian u32 (spec).
 
     Raises:
         CorruptSource: bad sidecar, or a byte size that does not match it.
@@ -157,7 +199,7 @@ def open_token_file(path: str | os.PathLike) -> tuple[np.ndarray, TokenFileInfo]
         raise CorruptSource(path, f"holds {count} tokens but {side.name} says {info.num_tokens}")
     if count == 0:
         raise CorruptSource(path, "holds no tokens")
-    return np.memmap(path, dtype=dtype, mode="r"), info
+    return TokenFile(path, dtype, count), info
 
 
 def _read_sidecar(side: Path) -> TokenFileInfo:

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from apr_format.atomic import claim_folder
 from apr_format.errors import InvalidArgument, OutputExists
 
 from . import checkpoint, distributed
@@ -109,21 +110,24 @@ class RunLog:
     """The run's log lines (main rank, through `log`) and its metrics file (main rank only)."""
 
     def __init__(self, run_dir: Path, ctx: DistContext, log: Log, steps: int, log_every: int,
-                 keep_last: int | None = None, tensorboard: bool = False) -> None:
+                 keep_last: int | None = None, tensorboard: bool = False, force: bool = False) -> None:
         self.run_dir, self.ctx, self.log, self.steps, self.log_every = run_dir, ctx, log, steps, log_every
-        self.keep_last, self.tensorboard = keep_last, tensorboard
+        self.keep_last, self.tensorboard, self.force = keep_last, tensorboard, force
         self.rates: list[float] = []
         self._metrics: IO[str] | None = None
         self._events: Any = None  # torch.utils.tensorboard.SummaryWriter (main rank, --tensorboard)
         self._began = time.monotonic()
         self._first_step: int | None = None
+        self._lock: int | None = None
 
     def open(self, start_step: int, config_record: Mapping[str, Any]) -> None:
         """Create the folder, drop metrics logged past the resumed checkpoint, write run.json (collective)."""
         distributed.run_on_main(self.ctx, lambda: self._open(start_step, config_record))
 
     def _open(self, start_step: int, config_record: Mapping[str, Any]) -> None:
-        if not start_step:  # a new run: what an earlier one left here was checked (check_run_dir) and goes
+        self._lock = claim_folder(self.run_dir)  # one process per run folder; a second one is told our PID
+        if not start_step:  # a new run: check again under the lock (a run beside us may have saved
+            check_run_dir(self.run_dir, resuming=False, force=self.force)  # meanwhile), then clear
             removed = clear_run(self.run_dir)
             if removed:
                 self.log(f"{self.run_dir}: replacing the earlier run's files ({', '.join(removed)})")
@@ -188,6 +192,9 @@ class RunLog:
         if self._events is not None:
             self._events.close()
             self._events = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:

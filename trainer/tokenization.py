@@ -61,7 +61,7 @@ def load_tokenizer(
         config = sibling.read_text(encoding="utf-8") if sibling.is_file() else None
         return _from_json_text(text, path, {HF_FILES_KEY: {TOKENIZER_CONFIG: config}} if config else None)
     if apr_metadata is None and apr_path is not None:
-        with open_apr(apr_path) as f:
+        with open_apr(apr_path, use_mmap=False) as f:
             apr_metadata = f.metadata
     meta = dict(apr_metadata or {})
     where = os.fspath(apr_path) if apr_path is not None else "model"

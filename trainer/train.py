@@ -105,7 +105,8 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) ->
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
     state = TrainState(step=start_step, tokens_seen=int(scalars.get("tokens_seen", start_step * tokens_per_step)),
                        loss=scalars.get("loss"), skipped_steps=int(scalars.get("skipped_steps", 0)))
-    runlog = RunLog(run_dir, ctx, log, config.steps, config.log_every, config.keep_last, config.tensorboard)
+    runlog = RunLog(run_dir, ctx, log, config.steps, config.log_every, config.keep_last, config.tensorboard,
+                    config.force)
     runlog.open(start_step, record)
     try:
         trainer = Trainer(config, ctx, dataset, par, optimizer, precision, checkpointer, runlog, state,

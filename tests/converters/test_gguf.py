@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from apr_format import Flag, open_apr
 from apr_testing import llama_permute, run_apr, run_apr_json
 from apr_format.errors import (
-    AprError, CorruptSource, MissingConfigKey, MissingTensor, OutputExists, UnsupportedArchitecture,
+    AprError, CorruptSource, MissingConfigKey, MissingTensor, OutputExists, Truncated, UnsupportedArchitecture,
 )
 from apr_converters.gguf_to_apr import convert_gguf
 from apr_trainer.model import DecoderLM
@@ -622,3 +622,18 @@ def test_name_comes_from_general_name_not_the_file_name(hf_llama, tmp_path):
     with open_apr(tmp_path / "m.apr") as f, open_apr(tmp_path / "p.apr") as g:
         assert f.metadata["name"] == "SmolLM2 135M Instruct"
         assert g.metadata["name"] == "plain"
+
+
+def test_source_cut_short_mid_convert_is_truncated_not_sigbus(hf_model, tmp_path):
+    """Another program truncates the GGUF while tensors are read: a `Truncated` error naming it (tensor
+    bytes are read with pread, not through gguf-py's map, which would kill this test process by SIGBUS)."""
+    src = write_gguf(tmp_path / "m.gguf", hf_model, Q.F32)
+    size = src.stat().st_size
+
+    def cut_after_first(name: str, done: int, total: int) -> None:
+        if src.stat().st_size == size:
+            os.truncate(src, size // 2)
+
+    with pytest.raises(Truncated, match=str(src)):
+        convert_gguf(src, tmp_path / "m.apr", dtype="f32", progress=cut_after_first)
+    assert not (tmp_path / "m.apr").exists() and _leftovers(tmp_path) == []

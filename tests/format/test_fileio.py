@@ -11,6 +11,7 @@ import pytest
 
 from apr_format import AprWriter, errors, fileio, open_apr, save_apr, validate
 from apr_format.fileio import FileRange, Writeback, copy_range, crc32
+from apr_format.sourceio import on_network_fs, parse_mountinfo
 from apr_format.validate import validate_file
 
 
@@ -126,11 +127,38 @@ def test_crc32_fd_matches_zlib_on_any_range(blob):
 def test_verify_checks_the_opened_file_even_when_its_path_is_replaced(tmp_path):
     save_apr(tmp_path / "m.apr", {"w": np.arange(4096, dtype=np.float32)}, {})
     with open_apr(tmp_path / "m.apr") as f:
-        f.verify()  # through a second mapping of the same file
+        f.verify()  # pread through the file descriptor this object opened
         damaged = bytearray((tmp_path / "m.apr").read_bytes())
         damaged[-100] ^= 0xFF
         (tmp_path / "other.apr").write_bytes(damaged)
         os.replace(tmp_path / "other.apr", tmp_path / "m.apr")
-        f.verify()  # the path names another (corrupt) file now: the bytes this object maps are checked
+        f.verify()  # the path names another (corrupt) file now: the opened file is checked
     with open_apr(tmp_path / "m.apr") as g, pytest.raises(errors.FooterChecksum):
         g.verify()
+
+
+MOUNTINFO = """\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+36 22 0:32 / /mnt/share rw,relatime shared:20 - nfs4 server:/export rw,vers=4.2
+37 22 0:33 / /mnt/my\\040drive rw,nosuid - fuse.sshfs me@host:/home rw
+38 36 254:1 / /mnt/share/local rw - xfs /dev/vdb rw
+"""
+
+
+@pytest.mark.parametrize("path,network", [
+    ("/data/model.apr", False), ("/mnt/share/model.apr", True), ("/mnt/my drive/m.apr", True),
+    ("/mnt/share/local/m.apr", False), ("/mnt/shared/m.apr", False),
+])
+def test_network_file_systems_are_found_by_mount_point(path, network):
+    """The longest mount point containing the path decides; fuse.* counts as network."""
+    assert on_network_fs(path, parse_mountinfo(MOUNTINFO)) is network
+
+
+def test_no_mmap_environment_turns_mapping_off(tmp_path, monkeypatch):
+    path = tmp_path / "m.apr"
+    save_apr(path, {"w": np.arange(4, dtype=np.float32)})
+    with open_apr(path) as apr:
+        assert apr.mapped  # a local file: zero-copy views
+    monkeypatch.setenv("APR_NO_MMAP", "1")
+    with open_apr(path) as apr:
+        assert not apr.mapped and apr["w"].tolist() == [0, 1, 2, 3]

@@ -77,6 +77,13 @@ def files(tmp_path_factory) -> Files:
     p["text"].write_text("not a model\n")
     p["a_file"] = root / "a_file"
     p["a_file"].write_text("a file, not a folder\n")
+    p["run"] = root / "run"  # a run folder as `apr plot` reads it
+    p["run"].mkdir()
+    (p["run"] / "metrics.jsonl").write_text('{"step": 0, "val_loss": 5.0, "tokens_seen": 0}\n{"step": 1, "loss": 4.0, '
+                                            '"lr": 0.001, "tokens_per_s": 900.0, "tokens_seen": 64}\n')
+    p["noise_run"] = root / "noise-run"
+    p["noise_run"].mkdir()
+    (p["noise_run"] / "metrics.jsonl").write_bytes(bytes(range(256)) + b"\n{}\n")
     p["out_dir"] = root / "outputs"  # writable; every failing case must leave it empty
     p["out_dir"].mkdir()
     p["under_file"] = p["a_file"] / "out"  # the parent is a regular file
@@ -212,6 +219,17 @@ MATRIX: dict[str, dict[str, Case]] = {
         "missing tokenizer": Case(("run", "{apr}", "-p", "hi", "--tokenizer", "{missing}"), "{missing}"),
         "no tokens asked": Case(("run", "{apr}", "-p", "hi", "-n", "0"), "-n", words="at least 1"),
     },
+    "plot": {
+        "missing run": Case(("plot", "{missing}", "-o", "{out_dir}/c.png"), "{missing}"),
+        "not a run folder": Case(("plot", "{empty_dir}", "-o", "{out_dir}/c.png"), "{empty_dir}"),
+        "broken metrics": Case(("plot", "{noise_run}", "-o", "{out_dir}/c.png"), "{noise_run}", words="line 1"),
+        "unknown metric": Case(("plot", "{run}", "-o", "{out_dir}/c.png", "--metric", "loss,bogus"), "--metric",
+                               words="bogus"),
+        "bad x": Case(("plot", "{run}", "-o", "{out_dir}/c.png", "--x", "time"), "apr plot", words="--x"),
+        "output not png": Case(("plot", "{run}", "-o", "{out_dir}/c.apr"), "{out_dir}/c.apr", words=".png"),
+        "output folder missing": Case(("plot", "{run}", "-o", "{no_parent}.png"), "{no_parent}.png"),
+        "no run": Case(("plot", "-o", "{out_dir}/c.png"), "apr plot", words="RUN_DIR"),
+    },
     "tokenize": {
         "missing input": Case(("tokenize", "{missing}", "-o", "{out_dir}/t", "--tokenizer", "{tokenizer}"),
                               "{missing}"),
@@ -273,20 +291,30 @@ def test_bad_input_gives_one_line_and_exit_code(command, fault, files):
     assert os.listdir(files.paths["out_dir"]) == [] and leftovers(files.root) == []
 
 
-@pytest.mark.parametrize("command", sorted(set(MATRIX) - {"pretrain", "train", "contract", "tokenize"}))
+@pytest.mark.parametrize("command", sorted(set(MATRIX) - {"pretrain", "train", "import", "contract", "tokenize"}))
 def test_stdout_on_a_full_disk(command, files):
     """Output that cannot be written (stdout on a full disk) is an error too: exit 2, one line."""
     args = {"inspect": ("{apr}",), "tensors": ("{apr}",), "validate": ("{apr}",), "diff": ("{apr}", "{hf}"),
             "convert": ("{hf}", "-o", "{out_dir}/m.apr", "--json"), "export": ("{apr}", "-o", "-"),
             "import": ("{hf}", "-o", "{out_dir}/m.apr", "--json"),
             "eval": ("{apr}", "--data", "{corpus}", "--seq-len", "32", "--max-tokens", "64"),
-            "run": ("{apr}", "-p", "hi", "-n", "2")}[command]
+            "run": ("{apr}", "-p", "hi", "-n", "2"),
+            "plot": ("{run}", "-o", "{out_dir}/c.png")}[command]
     with open("/dev/full", "wb") as full:
         proc = subprocess.run([*APR_COMMAND, command, *(files.fill(a) for a in args)], stdout=full,
                               stderr=subprocess.PIPE, env=apr_env(), text=True, check=False)
     assert proc.returncode == 2 and one_line_error(proc).endswith("No space left on device"), proc.stderr
-    for name in os.listdir(files.paths["out_dir"]):  # convert wrote its file before the report failed
+    for name in os.listdir(files.paths["out_dir"]):  # convert (plot) wrote its file before the report failed
         (files.paths["out_dir"] / name).unlink()
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(files):
+    """matplotlib is an optional extra: blocked from import, `apr plot` answers with the pip command."""
+    blocked = "import sys\nsys.modules['matplotlib'] = sys.modules['matplotlib.figure'] = None"
+    proc = run_apr("plot", files.paths["run"], "-o", files.paths["out_dir"] / "c.png", prelude=blocked)
+    assert proc.returncode == 2 and one_line_error(proc) == (
+        "apr: error: apr plot needs matplotlib, which is not installed: pip install 'apr-toolkit[plot]'")
+    assert os.listdir(files.paths["out_dir"]) == []
 
 
 def test_validate_of_a_broken_file_is_a_check_failure_not_an_error(files):

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from apr_format.errors import CorruptSource, InvalidArgument
+from apr_format.errors import CorruptSource, InvalidArgument, Truncated
 from apr_testing import mixed_text_folder
 from apr_trainer.corpus import KNOWN_SUFFIXES
 from apr_trainer.data import (
     TokenDataset,
+    TokenFile,
     TokenStream,
     open_token_file,
     open_tokens,
@@ -50,9 +51,21 @@ def test_token_file_roundtrip_with_sidecar(tmp_path):
     side = json.loads(sidecar_path(tmp_path / "t.bin").read_text())
     assert side["vocab_size"] == 300 and side["dtype"] == "uint16"
     arr, info = open_token_file(tmp_path / "t.bin")
-    assert isinstance(arr, np.memmap) and arr.dtype == np.dtype("<u2")
+    assert isinstance(arr, TokenFile) and arr.dtype == np.dtype("<u2")
     assert np.array_equal(arr, ids) and info.vocab_size == 300
     assert (tmp_path / "t.bin").stat().st_size == 2000
+
+
+def test_token_file_cut_short_while_open_is_truncated(tmp_path):
+    """Training reads its data with pread: a file another program truncates is an error naming it, not SIGBUS."""
+    write_token_file(tmp_path / "t.bin", [np.arange(10_000) % 300], vocab_size=300)
+    arr, _ = open_token_file(tmp_path / "t.bin")
+    assert arr[9_990:].tolist() == list(np.arange(9_990, 10_000) % 300)
+    with open(tmp_path / "t.bin", "r+b") as fh:
+        fh.truncate(4_000)
+    assert arr[:10].tolist() == list(range(10))
+    with pytest.raises(Truncated, match="t.bin"):
+        arr[9_990:]
 
 
 def test_large_vocabulary_gets_uint32(tmp_path):
