@@ -73,7 +73,7 @@ def hold_then_race(tmp_path: Path, hook: str, first: list, second: list):
     return finish(holder), other, holder.pid
 
 
-@pytest.mark.parametrize("kind,name", [("convert", "m.apr"), ("export", "m.safetensors"), ("export", "hf")])
+@pytest.mark.parametrize("kind,name", [("convert", "m.apr"), ("export", "m.safetensors"), ("export", "hf"), ("export", "m.gguf")])
 def test_second_writer_names_the_first(kind, name, model, tmp_path):
     dest = tmp_path / "out" / name
     dest.parent.mkdir()
@@ -88,7 +88,7 @@ def test_second_writer_names_the_first(kind, name, model, tmp_path):
     assert leftovers(dest.parent) == []
 
 
-@pytest.mark.parametrize("kind,name", [("convert", "m.apr"), ("export", "m.safetensors"), ("export", "hf")])
+@pytest.mark.parametrize("kind,name", [("convert", "m.apr"), ("export", "m.safetensors"), ("export", "hf"), ("export", "m.gguf")])
 def test_two_writers_started_together(kind, name, model, tmp_path):
     dest = tmp_path / "out" / name
     dest.parent.mkdir()
@@ -156,3 +156,15 @@ def test_final_link_races_never_lose_the_file(tmp_path):
     for _ in range(2):  # publishing the file final.apr already links: rename(2) is then a no-op
         link_into_place(sources[0], dest)
     assert os.path.samefile(dest, sources[0]) and leftovers(tmp_path) == []
+
+
+def test_a_run_that_finished_meanwhile_is_not_cleared(model, tmp_path):
+    """B checks the empty folder, then waits; A runs to the end there; B must then refuse (checked again
+    under the folder's claim), not clear A's finished run."""
+    run = tmp_path / "run"
+    args = ["pretrain", "--init", model, "--out", run, *PRETRAIN]
+    late, first, _ = hold_then_race(tmp_path, "apr_trainer.train.check_run_dir", args, args)
+    assert first.returncode == 0, first.stderr
+    line = one_line_error(late)
+    assert late.returncode == 2 and "already holds a run" in line and str(run) in line, line
+    complete(run / "final.apr")
