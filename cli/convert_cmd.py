@@ -10,7 +10,7 @@ from apr_format.errors import InvalidArgument
 from apr_format.sniff import describe, identify
 
 from .options import no_verify_option, output_option, warn_unverified
-from .render import ByteProgress, echo_json, human_bytes, human_count, report_dict
+from .render import ByteProgress, echo_json, escape, human_bytes, human_count, report_dict
 from .sources import local_path
 
 
@@ -95,6 +95,9 @@ def convert_cmd(
         echo_json(data)
     elif not quiet:
         click.echo(render_report(data))
+    else:  # -q drops the report, never a warning
+        for warning in data.get("warnings") or []:
+            click.echo(f"apr: warning: {escape(warning)}", err=True)
 
 
 def _refuse_flags(src: str, kind: str, **given: object) -> None:

@@ -53,6 +53,7 @@ class HfSource:
         self.tensors: dict[str, SourceTensor] = {}
         self.extra_files: dict[str, str] = {}
         self.index: dict[str, Any] | None = None
+        self.ignored_files: list[str] = []  # .safetensors files in the folder that are not part of the model
         self.file_metadata: dict[str, dict[str, str]] = {}
         self._files = SourceFiles()
         try:
@@ -81,14 +82,16 @@ class HfSource:
             if os.path.isfile(file):
                 self.extra_files[name] = _read_text(file)
         index_path = os.path.join(self.path, INDEX_FILE)
-        if os.path.isfile(index_path):
-            self._open_sharded(index_path)
-            return
         single = os.path.join(self.path, SINGLE_FILE)
-        if os.path.isfile(single):
-            self._add_files([single])
-            return
         found = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        if os.path.isfile(index_path) or os.path.isfile(single):
+            if os.path.isfile(index_path):
+                self._open_sharded(index_path)
+            else:
+                self._add_files([single])
+            used = {os.path.basename(f) for f in self.files}
+            self.ignored_files = [f for f in found if f not in used]
+            return
         if len(found) == 1:
             self._add_files([os.path.join(self.path, found[0])])
         elif found:

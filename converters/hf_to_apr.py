@@ -16,7 +16,7 @@ from apr_format.families import Family, expected_tensors, family_of, is_tied, ma
 from apr_format.param_count import count_parameters
 
 from .dtype_cast import cast_chunks
-from .hf_source import HfSource, SourceTensor, open_hf_source, read_config
+from .hf_source import INDEX_FILE, SINGLE_FILE, HfSource, SourceTensor, open_hf_source, read_config
 from .metadata import HF_INDEX, SOURCE_METADATA, apr_metadata
 from .quantize import QuantReport, check_kind, quantizes
 
@@ -223,6 +223,9 @@ def _warnings(source: HfSource, config: Mapping[str, Any] | None, family: Family
         what = f"architecture {model_type!r} has no family table" if isinstance(model_type, str) \
             else "config.json has no model_type"
         out.append(f"{what}: converted without validation")
+    chosen = INDEX_FILE if source.index is not None else SINGLE_FILE
+    for name in source.ignored_files:
+        out.append(f"{name} is not part of the model ({chosen} does not name it): not converted")
     index_total = (source.index or {}).get("total_size")
     if source.index is not None and index_total is None:
         out.append("the shard index has no metadata.total_size")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from apr_format.errors import AprError, CorruptSource, Truncated, UnknownDType
 from apr_converters.hf_source import SourceTensor, open_hf_source
 from apr_converters.safetensors_io import parse_header
 from apr_format.safetensors_writer import OutTensor, write_safetensors
+
+from apr_testing import run_apr
 
 
 def st_file(header: dict, data: bytes = b"") -> bytes:
@@ -49,6 +52,25 @@ def test_sharded_folder(hf_qwen2_sharded):
         for name, tensor in src.tensors.items():
             assert tensor.file.endswith(index["weight_map"][name])
         assert src.total_size == index["metadata"]["total_size"]
+
+
+@pytest.mark.parametrize("layout", ["sharded", "single"])
+def test_a_safetensors_file_the_model_does_not_use_is_reported(layout, hf_qwen2_sharded, hf_llama, tmp_path):
+    """A leftover shard or an adapter beside the model is not converted, and the conversion says so
+    (in the report, in --json, and on stderr under -q): never a file skipped without a word."""
+    folder = tmp_path / layout
+    shutil.copytree(hf_qwen2_sharded if layout == "sharded" else hf_llama, folder)
+    shutil.copyfile(hf_llama / "model.safetensors", folder / "adapter_model.safetensors")
+    chosen = "model.safetensors.index.json" if layout == "sharded" else "model.safetensors"
+    with open_hf_source(folder) as src:
+        assert src.ignored_files == ["adapter_model.safetensors"]
+    warning = f"adapter_model.safetensors is not part of the model ({chosen} does not name it): not converted"
+    report = run_apr("convert", folder, "-o", tmp_path / f"{layout}.apr", check=True)
+    assert f"warning: {warning}" in report.stdout
+    doc = json.loads(run_apr("convert", folder, "-o", tmp_path / f"{layout}-2.apr", "--json", check=True).stdout)
+    assert warning in doc["warnings"]
+    quiet = run_apr("convert", folder, "-o", tmp_path / f"{layout}-3.apr", "-q", check=True)
+    assert quiet.stdout == "" and quiet.stderr == f"apr: warning: {warning}\n"
 
 
 def test_bare_file(hf_llama):
