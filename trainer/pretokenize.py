@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from apr_format.atomic import replacing_folder
+from apr_format.atomic import claim_folder, replacing_folder
 from apr_format.errors import CorruptSource, InvalidArgument, OutputExists
 
 from .corpus import Inputs, Piece, ReadOptions, find_inputs, input_notes, kind_of, read_pieces
@@ -91,19 +91,26 @@ def tokenize_corpus(
         log(f"--force: the new run replaces {folder} when it completes (the old one stays until then)")
         with replacing_folder(folder) as tmp:
             return run.write(Path(tmp), Progress([], ResumePoint()))
-    progress = _prepare_folder(folder, options.prefix, job, log)
-    if (folder / INDEX_NAME).exists():
-        log(f"{folder}: already complete ({INDEX_NAME} present)")
-        return read_index(folder / INDEX_NAME)
     created = not folder.exists()
+    claim = claim_folder(folder)  # one tokenize per folder: a second one is told our PID
     try:
-        return run.write(folder, progress)
-    except BaseException:
-        if not sidecar_path(folder / shard_name(options.prefix, 0)).exists():  # nothing worth resuming
-            (folder / JOB_NAME).unlink(missing_ok=True)
-            if created and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
+        if not resume and _used(folder):  # again under the claim: a run beside us may have written here
+            raise OutputExists(folder, "exists and is not empty: another run wrote it meanwhile (use --resume "
+                                       "to continue it, --force to start over)")
+        progress = _prepare_folder(folder, options.prefix, job, log)
+        if (folder / INDEX_NAME).exists():
+            log(f"{folder}: already complete ({INDEX_NAME} present)")
+            return read_index(folder / INDEX_NAME)
+        try:
+            return run.write(folder, progress)
+        except BaseException:
+            if not sidecar_path(folder / shard_name(options.prefix, 0)).exists():  # nothing worth resuming
+                (folder / JOB_NAME).unlink(missing_ok=True)
+                if created and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
+    finally:
+        os.close(claim)
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,15 @@ def test_a_run_that_finished_meanwhile_is_not_cleared(model, tmp_path):
     line = one_line_error(late)
     assert late.returncode == 2 and "already holds a run" in line and str(run) in line, line
     complete(run / "final.apr")
+
+
+def test_two_tokenize_runs_into_one_new_folder(tmp_path):
+    """The second `apr tokenize` into a folder the first one is filling fails naming it; the first completes."""
+    out = tmp_path / "tokens"
+    args = ["tokenize", FIXTURES / "tiny-corpus.txt", "-o", out, "--tokenizer", FIXTURES / "tiny-qwen2-hf" /
+            "tokenizer.json", "-q"]
+    first, second, pid = hold_then_race(tmp_path, "apr_trainer.pretokenize.claim_folder", args, args)
+    assert first.returncode == 0, first.stderr
+    line = one_line_error(second)
+    assert second.returncode == 2 and f"PID {pid}" in line and str(out) in line, line
+    assert (out / "index.json").is_file()
