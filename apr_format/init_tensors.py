@@ -16,6 +16,7 @@ from .fileio import equal_bytes
 from .integrity import footer_mismatch
 from .validate import checksum_pass, count_nonfinite
 from .reader import AprFile, open_apr
+from .rows import OpenFile, StoredRows
 
 # Tensors some HF checkpoints carry that no model parameter corresponds to and that are
 # recomputed from the config: reported as unused, never an error.
@@ -38,7 +39,8 @@ def expected_parameter_shapes(config: ArchitectureConfig) -> dict[str, tuple[int
 
 
 class InitTensors(dict):
-    """name -> torch.Tensor for every model parameter, plus what the file had beyond them.
+    """name -> torch.Tensor (or `StoredRows`, when loaded on demand) for every model parameter, plus
+    what the file had beyond them.
 
     Attributes:
         unused: names of file tensors no parameter uses (harmless buffers and foreign
@@ -62,6 +64,7 @@ def load_init_tensors(
     config: ArchitectureConfig | None = None,
     dtype: Any = None,
     device: Any = "cpu",
+    on_demand: bool = False,
 ) -> InitTensors:
     """Every tensor of the .apr at `path` keyed by the model's parameter names, shapes checked.
 
@@ -73,6 +76,9 @@ def load_init_tensors(
             (on "cpu" with the file's dtype, no further copy): a file cut short or rewritten by
             another program, during loading or later in training, is a `Truncated` error or
             nothing at all, never SIGBUS.
+        on_demand: give each plain (unquantized, uncompressed) tensor as a `StoredRows` that reads
+            its rows only when asked (`[start:stop]`, `[...]`), from the file checked here: what a
+            training rank uses to hold only its own shard. Needs `dtype` None and `device` "cpu".
 
     Raises:
         MissingTensor / ShapeMismatch: one error naming every missing, mis-shaped or
@@ -86,6 +92,8 @@ def load_init_tensors(
         Truncated: the file was cut short while being read.
     """
     target_dtype = _torch_dtype(dtype, path)
+    if on_demand and (target_dtype is not None or str(device) != "cpu"):
+        raise InvalidArgument(path, "on_demand loading keeps the file's dtype on the CPU (dtype None, device 'cpu')")
     with open_apr(path, use_mmap=False) as f:
         if config is None:
             config = architecture_of(f.metadata, f.keys(), f.path)
@@ -99,12 +107,16 @@ def load_init_tensors(
         result.source_dtypes = {name: f.info(name).dtype for name in expected}
         # zstd tensors are inflated into immutable bytes: copy them so training may write.
         compressed = bool(f.flags & Flag.ZSTD)
+        shared = OpenFile(os.dup(f.fileno()), f.path) if on_demand and not compressed else None
         for name in expected:
+            info = f.info(name)
+            if shared is not None and info.dtype not in QUANTIZED_DTYPES:  # NaN/Inf counted by _check_bytes
+                result[name] = StoredRows(shared, f.header.data_offset + info.offset, info.dtype, info.shape)
+                continue
             stored = f.torch(name)
             tensor = stored.to(device=device, dtype=target_dtype or stored.dtype)
             result[name] = tensor.clone() if compressed and tensor.data_ptr() == stored.data_ptr() else tensor
             if name not in nonfinite:  # quantized or compressed: not scanned in the read pass
-                info = f.info(name)
                 nonfinite[name] = count_nonfinite(f.raw(name), info.dtype, info.numel)
         _refuse_nonfinite(f.path, nonfinite)
         skipped = {"lm_head.weight"} if dropped_head else set()
@@ -126,7 +138,7 @@ def _check_bytes(f: AprFile, expected: dict[str, tuple[int, ...]]) -> dict[str, 
         FooterChecksum: the stored CRC does not match.
     """
 
-    with open(f.path, "rb") as fh:
+    with os.fdopen(os.dup(f.fileno()), "rb") as fh:  # the file `f` opened, even if its path was replaced
         crc, counts = checksum_pass(fh, f)
         fh.seek(f.file_size - FOOTER_SIZE)
         (stored,) = struct.unpack("<I", fh.read(FOOTER_SIZE))

@@ -386,6 +386,14 @@ class AprFile(Mapping):
         check_size(fd, self.file_size, self.path)
         return self._view[start : start + nbytes]
 
+    def fileno(self) -> int:
+        """The descriptor of the opened file (reads through it see this file even if its path was replaced).
+
+        Raises:
+            AprError: the file is closed.
+        """
+        return self._open_fd()
+
     def _open_fd(self) -> int:
         if self._fd is None:
             raise AprError(self.path, "file is closed")

@@ -14,7 +14,7 @@ from apr_format.fileio import CHUNK
 from apr_format.sniff import SNIFF_BYTES, describe, identify_bytes
 
 from .source_files import SourceFiles
-from .safetensors_io import MAX_HEADER_SIZE, HeaderEntry, parse_header
+from apr_format.safetensors_reader import HeaderEntry, read_header
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -149,10 +149,7 @@ class HfSource:
         kind = identify_bytes(bytes(head))
         if kind not in ("safetensors", "binary", "empty"):  # let the header parser say what is wrong with those
             raise CorruptSource(file, f"is {describe(kind)}, not safetensors")
-        if size >= 8:  # the header's length, then the header (parse_header checks both against `size`)
-            header_len = int.from_bytes(head[:8], "little")
-            head = self._files.read(file, 0, min(size, 8 + header_len, 8 + MAX_HEADER_SIZE))
-        return parse_header(head, file, size)
+        return read_header(self._files.fd(file), file)
 
     # -- access --------------------------------------------------------------------------
     def raw(self, name: str) -> memoryview:

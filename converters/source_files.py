@@ -36,16 +36,20 @@ class SourceFiles:
             self._closers.append(weakref.finalize(self, os.close, self._fds[file]))  # also if never closed
         return os.fstat(self._fds[file]).st_size
 
+    def fd(self, file: str) -> int:
+        """The descriptor of an opened file (for preads of its own)."""
+        fd = self._fds.get(file)
+        if fd is None:
+            raise ValueError(f"{file} is not open")
+        return fd
+
     def read(self, file: str, start: int, nbytes: int) -> memoryview:
         """Bytes start..start+nbytes of an opened file (a copy).
 
         Raises:
             Truncated: the file ends first (it was cut short while we read it).
         """
-        fd = self._fds.get(file)
-        if fd is None:
-            raise ValueError(f"{file} is not open")
-        return memoryview(read_exact(fd, start, nbytes, file))
+        return memoryview(read_exact(self.fd(file), start, nbytes, file))
 
     def chunks(self, file: str, start: int, nbytes: int, step: int = CHUNK) -> Iterator[memoryview]:
         """Successive copies of at most `step` bytes: reading a huge tensor costs one chunk of memory."""

@@ -18,7 +18,7 @@ import torch
 from apr_format import AprWriter, Flag
 from apr_format.atomic import link_into_place, replacing
 from apr_format.constants import DTYPE_BY_NAME
-from apr_format.errors import CorruptSource, InvalidArgument
+from apr_format.errors import AprError, CorruptSource, InvalidArgument
 
 from . import distributed, guards
 from .optim import schedule_record
@@ -110,18 +110,17 @@ def load_state(apr_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
 
 
 def open_state(apr_path: str | os.PathLike) -> TensorFile:
-    """The state tensors saved beside a checkpoint, memory-mapped: each rank reads only the rows it holds.
+    """The state tensors saved beside a checkpoint, read on demand: each rank reads only the rows it holds.
 
     Raises:
-        CorruptSource: an unreadable sidecar.
+        CorruptSource: an unreadable or damaged sidecar (Truncated also when it is cut short later).
     """
-    from safetensors import SafetensorError
-
     tensors_path = state_paths(apr_path)[1]
     try:
         return TensorFile(tensors_path)
-    except (SafetensorError, OSError) as exc:
-        raise CorruptSource(tensors_path, f"cannot read training state: {exc}") from None
+    except (AprError, OSError) as exc:
+        problem = exc.problem if isinstance(exc, AprError) else exc.strerror or str(exc)
+        raise CorruptSource(tensors_path, f"cannot read training state: {problem}") from None
 
 
 def load_scalars(apr_path: str | os.PathLike) -> dict[str, Any]:

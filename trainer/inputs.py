@@ -154,7 +154,7 @@ def _sha256(text: str) -> str:
 @dataclass
 class ModelWeights:
     """A model on the meta device and, for each parameter, a whole tensor to read its rows from:
-    zero-copy views of the memory-mapped .apr (in the file's dtype), or the fp32 master weights
+    tensors of the .apr read on demand (in the file's dtype), or the fp32 master weights
     saved beside a resumed checkpoint. `parallel.wrap` gives each rank only the rows it holds."""
 
     model: DecoderLM
@@ -178,7 +178,7 @@ def build_model(config: TrainConfig, source: ModelSource, saved: Mapping[str, An
         return ModelWeights(model, DecoderLM(source.arch).state_dict(), note, "f32")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnusedTensorWarning)
-        tensors = load_init_tensors(source.weights, source.arch)  # the file's dtype: views of the mapping
+        tensors = load_init_tensors(source.weights, source.arch, on_demand=True)  # each rank reads its own rows
     for warning in caught:
         if issubclass(warning.category, UnusedTensorWarning):
             log(f"warning: {warning.message}")

@@ -71,7 +71,7 @@ class Parallel:
         return sharding.full_tensor(tensor)
 
     def place(self, param: torch.Tensor, source: sharding.RowSource) -> torch.Tensor:
-        """This rank's part of `source` (a whole tensor of `param`'s shape, e.g. a memory-mapped optimizer
+        """This rank's part of `source` (a whole tensor of `param`'s shape, e.g. an on-demand optimizer
         moment) as a tensor placed like `param`: only the rows this rank holds are read."""
         rows = sharding.read_rows(source, param, param.dtype, self.ctx.device)
         return sharding.like(param, rows)
@@ -150,7 +150,7 @@ def wrap(model: DecoderLM, weights: Mapping[str, sharding.RowSource], ctx: DistC
          strategy: str, *, compile: bool = False, activation_checkpointing: bool = False) -> Parallel:
     """Spread the meta-device `model` over the job as `strategy` says ("single", "ddp" or "fsdp"),
     then give it its weights: each rank reads only the rows it holds from `weights` (whole tensors,
-    e.g. zero-copy views of a memory-mapped .apr, or safetensors slices), as fp32 master weights.
+    e.g. tensors of an .apr or of the state sidecar read on demand), as fp32 master weights.
 
     Activation checkpointing recomputes each decoder layer in backward (parameter names unchanged).
     """

@@ -1,5 +1,5 @@
 """FSDP2 for `DecoderLM`: per-layer `fully_shard` on a meta-built model, each rank's rows copied from
-full (memory-mapped) tensors, sharded-gradient clipping, and full tensors gathered one at a time."""
+full (on-demand) tensors, sharded-gradient clipping, and full tensors gathered one at a time."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from .model import DecoderLM
 
-# Anything whose `[start:stop]` gives those rows as a torch.Tensor: a tensor (a zero-copy view of
-# a memory-mapped .apr) or a safetensors slice (`safe_open(...).get_slice(name)`).
+# Anything whose `[start:stop]` gives those rows as a torch.Tensor: a tensor, or a tensor of a file
+# read on demand (`apr_format.rows.StoredRows`: an .apr loaded with on_demand, the state sidecar).
 RowSource = Any
 
 
@@ -75,7 +75,7 @@ def read_rows(source: RowSource, param: torch.Tensor, dtype: torch.dtype, device
 def load_local(model: torch.nn.Module, tensors: Mapping[str, RowSource], device: torch.device) -> None:
     """Allocate a (sharded) meta model on `device` and fill each parameter with its own rows of `tensors`.
 
-    Only this rank's rows are read: with memory-mapped sources no rank holds a full copy of the model.
+    Only this rank's rows are read: with on-demand sources no rank holds a full copy of the model.
     """
     model.to_empty(device=device)
     for name, param in model.named_parameters():

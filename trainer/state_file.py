@@ -4,23 +4,22 @@ safetensors' own `save_file` needs every tensor on the CPU at once and writes th
 of its own that a killed run would leave behind; here the caller owns the (atomic) file and memory
 stays bounded by the largest tensor, which may be fetched (gathered from every rank) only when it
 is written. The bytes go through the one safetensors writer (`apr_format.safetensors_writer`);
-`safetensors.torch.load_file` reads the result; `TensorFile` reads only the rows asked for.
+`safetensors.torch.load_file` reads the result; `TensorFile` reads only the rows asked for, with pread.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 
 from apr_format.constants import DTYPE_BY_TORCH
+from apr_format.errors import from_os_error
+from apr_format.rows import OpenFile, StoredRows
+from apr_format.safetensors_reader import read_header
 from apr_format.safetensors_writer import OutTensor, write_safetensors
-
-# State dtypes safetensors holds that no APR dtype is (masks, small counters).
-_STATE_ONLY = {"bool": "BOOL", "int16": "I16"}
-
 
 def write_tensors(
     out: BinaryIO, tensors: Mapping[str, torch.Tensor], fetch: Callable[[str], torch.Tensor] | None = None
@@ -39,9 +38,9 @@ def write_tensors(
         t = tensors[name]
         torch_name = str(t.dtype).removeprefix("torch.")
         known = DTYPE_BY_TORCH.get(torch_name)
-        st_dtype = known.safetensors if known is not None else _STATE_ONLY.get(torch_name)
-        if st_dtype is None:
-            raise TypeError(f"training state tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
+        if known is None or known.safetensors is None:
+            raise TypeError(f"training state tensor {name!r} has dtype {t.dtype}, which the state file cannot hold")
+        st_dtype = known.safetensors
         nbytes = t.numel() * t.dtype.itemsize
         planned.append(OutTensor(name, st_dtype, tuple(t.shape), nbytes, _bytes_of(name, t, fetch)))
     write_safetensors(out, planned, {"format": "pt"})
@@ -59,34 +58,30 @@ def _bytes_of(name: str, planned: torch.Tensor, fetch: Callable[[str], torch.Ten
     return produce
 
 
-class StoredTensor:
-    """One tensor of a `TensorFile`, not yet read: `shape`, and `[...]` or `[start:stop]` to read it or rows of it."""
+class TensorFile(Mapping[str, StoredRows]):
+    """A safetensors file whose tensors are read on demand with pread: `file[name][start:stop]` reads
+    only those rows (a file cut short meanwhile is `Truncated`, never SIGBUS).
 
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-        self.shape = torch.Size(handle.get_shape())
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        return self._handle[index]
-
-
-class TensorFile(Mapping[str, StoredTensor]):
-    """A safetensors file opened memory-mapped: `file[name][start:stop]` reads only those rows."""
+    Raises (on opening):
+        FileMissing, NotAFile, Unreadable: the path cannot be opened.
+        CorruptSource, Truncated, UnknownDType: a damaged header.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         self.path = os.fspath(path)
-        self._file = safe_open(self.path, framework="pt", device="cpu")
-        self._names = tuple(self._file.keys())
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise from_os_error(self.path, exc) from None
+        self._file = OpenFile(fd, self.path)
+        entries, _ = read_header(fd, self.path)
+        self._tensors = {e.name: StoredRows(self._file, e.start, e.dtype, e.shape) for e in entries}
 
-    def __getitem__(self, name: str) -> StoredTensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return StoredTensor(self._file.get_slice(name))
+    def __getitem__(self, name: str) -> StoredRows:
+        return self._tensors[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._tensors)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._tensors)

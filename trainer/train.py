@@ -94,7 +94,7 @@ def _train(config: TrainConfig, ctx: DistContext, log: Log, stop: StopSignal) ->
         f"{'; activation checkpointing' if config.activation_checkpointing else ''}")
     par = parallel.wrap(weights.model, weights.sources, ctx, precision, strategy, compile=config.compile,
                         activation_checkpointing=config.activation_checkpointing)
-    del weights  # the views of the memory-mapped file: each rank keeps only its own rows
+    del weights  # the on-demand sources: each rank keeps only its own rows
     summary.update(strategy=par.strategy, precision=precision.name)
     optimizer = build_optimizer(par.module, config, ctx.device)
     record = config_record(config)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from apr_format.errors import AprError, CorruptSource, Truncated, UnknownDType
 from apr_converters.hf_source import SourceTensor, open_hf_source
-from apr_converters.safetensors_io import parse_header
+from apr_format.safetensors_reader import parse_header
 from apr_format.safetensors_writer import OutTensor, write_safetensors
 
 from apr_testing import run_apr

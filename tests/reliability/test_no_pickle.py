@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr_converters.safetensors_io import parse_header
+from apr_format.safetensors_reader import parse_header
 from apr_format.validate import validate_file
 from apr_trainer.data import write_token_file
 

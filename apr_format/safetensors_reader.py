@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 
-from apr_format.constants import DTYPE_BY_NAME, DTYPE_BY_SAFETENSORS
-from apr_format.errors import CorruptSource, Truncated, UnknownDType, json_problem
+from .constants import DTYPE_BY_NAME, DTYPE_BY_SAFETENSORS
+from .errors import CorruptSource, Truncated, UnknownDType, json_problem
+from .sourceio import read_exact
 
 MAX_HEADER_SIZE = 100_000_000  # the limit the safetensors library itself enforces
 
@@ -96,3 +98,17 @@ def _check_overlaps(entries: list[HeaderEntry], path: str) -> None:
         if e.start < last_end:
             raise CorruptSource(path, f"tensors {last_name!r} and {e.name!r} overlap")
         last_end, last_name = e.start + e.nbytes, e.name
+
+
+def read_header(fd: int, path: str) -> tuple[list[HeaderEntry], dict[str, str]]:
+    """`parse_header` of the open safetensors file `fd`, its header read with pread (nothing is mapped).
+
+    Raises:
+        As `parse_header`; Truncated also when the file is cut short while the header is read.
+    """
+    size = os.fstat(fd).st_size
+    head = read_exact(fd, 0, min(size, 8), path)
+    if size >= 8:  # the header's length, then the header (parse_header checks both against `size`)
+        header_len = int.from_bytes(head, "little")
+        head = read_exact(fd, 0, min(size, 8 + header_len, 8 + MAX_HEADER_SIZE), path)
+    return parse_header(head, path, size)
