@@ -6,9 +6,9 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import warnings
-import stat
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass

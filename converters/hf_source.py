@@ -11,10 +11,10 @@ from typing import Any
 
 from apr_format.errors import CorruptSource, MissingTensor, from_os_error
 from apr_format.fileio import CHUNK
+from apr_format.safetensors_reader import HeaderEntry, read_header
 from apr_format.sniff import SNIFF_BYTES, describe, identify_bytes
 
 from .source_files import SourceFiles
-from apr_format.safetensors_reader import HeaderEntry, read_header
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
