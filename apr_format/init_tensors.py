@@ -6,17 +6,19 @@ import os
 import re
 import struct
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from .architecture import ArchitectureConfig, architecture_of
 from .constants import DTYPE_BY_NAME, FLOAT_DTYPES, FOOTER_SIZE, QUANTIZED_DTYPES, Flag
 from .errors import FooterChecksum, InvalidArgument, MissingTensor, NonFiniteWeights, ShapeMismatch
 from .families import TENSORS_PER_LAYER
-from .fileio import equal_bytes
+from .fileio import CHUNK, equal_chunks
 from .integrity import footer_mismatch
 from .validate import checksum_pass, count_nonfinite
-from .reader import AprFile, open_apr
+from .reader import AprFile, TensorInfo, open_apr
 from .rows import OpenFile, StoredRows
+from .sourceio import read_into
 
 # Tensors some HF checkpoints carry that no model parameter corresponds to and that are
 # recomputed from the config: reported as unused, never an error.
@@ -214,7 +216,21 @@ def _is_tied_copy(f: AprFile) -> bool:
     head, embed = f.info("lm_head.weight"), f.info("model.embed_tokens.weight")
     if (head.dtype, head.shape, head.nbytes) != (embed.dtype, embed.shape, embed.nbytes):
         return False
-    return equal_bytes(f.raw("lm_head.weight"), f.raw("model.embed_tokens.weight"))  # 0.02 s for 272 MB
+    return equal_chunks(_chunks(f, head), _chunks(f, embed))  # stops at the first difference
+
+
+def _chunks(f: AprFile, info: TensorInfo) -> Iterator[memoryview]:
+    """A tensor's decoded bytes, CHUNK at a time into one reused buffer (each chunk is valid until the
+    next is asked for); a compressed tensor is inflated whole."""
+    if f.flags & Flag.ZSTD:
+        raw = f.raw(info.name)
+        yield from (raw[pos : pos + CHUNK] for pos in range(0, len(raw), CHUNK))
+        return
+    start, buf = f.header.data_offset + info.offset, memoryview(bytearray(min(CHUNK, info.size)))
+    for pos in range(0, info.size, CHUNK):
+        chunk = buf[: min(CHUNK, info.size - pos)]
+        read_into(f.fileno(), start + pos, chunk, f.path)
+        yield chunk
 
 
 def _torch_dtype(dtype: Any, path):

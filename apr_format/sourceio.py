@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import os
 
+import numpy as np
+
 from .errors import Truncated
 
 # File system types (as /proc/self/mountinfo names them) where another machine can change a file
@@ -16,14 +18,15 @@ NETWORK_FS = frozenset((
 ))
 
 
-def read_exact(fd: int, offset: int, nbytes: int, path: str) -> bytearray:
-    """`nbytes` bytes of the open file `fd` from `offset`, read with pread.
+def read_exact(fd: int, offset: int, nbytes: int, path: str) -> memoryview:
+    """`nbytes` bytes of the open file `fd` from `offset`, read with pread into new writable memory
+    (numpy.empty: not zero-filled first, which would cost as much as the read itself).
 
     Raises:
         Truncated: the file ends first (it was cut short by another program while we read it).
     """
-    buf = bytearray(nbytes)
-    read_into(fd, offset, memoryview(buf), path)
+    buf = memoryview(np.empty(nbytes, dtype=np.uint8))
+    read_into(fd, offset, buf, path)
     return buf
 
 
