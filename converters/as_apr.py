@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from apr_format import tempfiles
 from apr_format.architecture import architecture_of
 from apr_format.errors import AprError
 
@@ -23,7 +25,7 @@ def model_as_apr(model: str | os.PathLike, warn: Warn) -> Iterator[str]:
 
     The conversion is the one `apr convert` does, without narrowing casts: HF tensors keep their
     bytes and GGUF tensors are dequantized to f32, the precision llama.cpp dequantizes in. The temporary file lives in
-    $TMPDIR and is removed on exit. Conversion warnings go to `warn`; errors about the temporary
+    $TMPDIR and is removed on exit (or by the next call, after a kill). Conversion warnings go to `warn`; errors about the temporary
     file are re-raised naming `model`.
 
     Raises:
@@ -37,7 +39,7 @@ def model_as_apr(model: str | os.PathLike, warn: Warn) -> Iterator[str]:
     if not (os.path.isdir(local) or local.lower().endswith((".safetensors", ".gguf"))):
         yield local
         return
-    with tempfile.TemporaryDirectory(prefix="apr-model-") as tmp:
+    with _scratch_folder() as tmp:
         converted = os.path.join(tmp, "model.apr")
         try:
             if local.lower().endswith(".gguf"):
@@ -56,6 +58,21 @@ def model_as_apr(model: str | os.PathLike, warn: Warn) -> Iterator[str]:
             if exc.path is None or not exc.path.startswith(tmp):
                 raise
             raise type(exc)(source, exc.problem) from None
+
+
+@contextmanager
+def _scratch_folder() -> Iterator[str]:
+    """A new folder in $TMPDIR, locked while this process uses it and removed after. A process killed
+    meanwhile (kill -9, power loss) cannot remove it: the next call removes every such folder whose
+    lock is free, so a converted model (possibly many GB) is never left behind for good."""
+    anchor = os.path.join(tempfile.gettempdir(), "apr-model")
+    tempfiles.remove_stale(anchor)
+    lock, tmp = tempfiles.create_temp_dir(anchor)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 def _check_architecture(folder: str) -> None:

@@ -158,3 +158,32 @@ def test_an_encoder_is_refused_in_one_line(tmp_path):
     for command in (("run", tmp_path / "bert", "-p", "hi"), ("eval", tmp_path / "bert", "--data", CORPUS)):
         refused(run_apr(*command), f"{tmp_path / 'bert'}: architecture 'bert' is not supported")
     assert list(tmp_path.iterdir()) == [tmp_path / "bert"]  # nothing written beside it
+
+
+def test_a_killed_eval_leaves_no_converted_model_behind_for_long(tmp_path):
+    """`apr eval` of an HF folder converts it to a temporary .apr in $TMPDIR; kill -9 cannot remove it,
+    so the next command that converts one removes every such folder no living process holds."""
+    import signal
+    import time
+
+    from apr_testing import popen_apr
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    marker = tmp_path / "converting"
+    pause = ("from apr_format import tempfiles\n_make = tempfiles.create_temp_dir\n"
+             "def paused(dest):\n    made = _make(dest)\n    import time, pathlib\n"
+             f"    pathlib.Path({str(marker)!r}).touch()\n    time.sleep(120)\n    return made\n"
+             "tempfiles.create_temp_dir = paused")
+    args = ["eval", FIXTURES / "tiny-qwen2-hf", "--data", CORPUS, "--seq-len", "16", "--max-tokens", "64"]
+    proc = popen_apr(*args, prelude=pause, env={"TMPDIR": str(scratch)})
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    left = [p.name for p in scratch.iterdir() if p.name.startswith(".apr-model.")]
+    assert len(left) == 1 and (scratch / left[0]).is_dir(), left
+    again = popen_apr(*args, env={"TMPDIR": str(scratch)}, capture=True)
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert [p.name for p in scratch.iterdir() if p.name.startswith(".apr-model.")] == []
