@@ -29,6 +29,7 @@ class Family:
     sliding_window: bool = False  # the config's `sliding_window` limits attention whenever it is set
     gguf_architecture: str | None = None  # llama.cpp `general.architecture`; None: not read from GGUF
     gguf_qk_permuted: bool = False  # llama.cpp's converter permutes this family's q/k rows
+    gguf_export_as: str | None = None  # GGUF export writes the model as this family (llama.cpp's convention)
     rope_type: int = 2  # spec: HF-layout q/k always use NEOX (split halves)
     embed: str = "model.embed_tokens.weight"
     head: str = "lm_head.weight"  # absent from HF files when tied
@@ -50,12 +51,13 @@ FAMILIES: dict[str, Family] = {
             defaults={"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768},
             gguf_architecture="qwen2",
         ),
-        # Llama-shaped, no biases; llama.cpp writes Mistral GGUFs as "llama", so none is read as mistral.
+        # Llama-shaped, no biases; llama.cpp writes Mistral GGUFs as "llama" (so none is read as mistral),
+        # and so does our export.
         Family(
             name="mistral", hf_architecture="MistralForCausalLM", attention_bias=False, attention_bias_key=False,
             o_proj_bias=False, tie_default=False,
             defaults={"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 131072},
-            config_keys={"sliding_window": "sliding_window"}, sliding_window=True,
+            config_keys={"sliding_window": "sliding_window"}, sliding_window=True, gguf_export_as="llama",
         ),
     )
 }

@@ -34,7 +34,14 @@ _APR_BLOCKS = ("q4", "q8")  # aprender's own blocks: dequantized, except q4 rows
 _Q4_0 = "Q4_0"  # APR q4 is GGML Q4_0 with its nibbles in another order: moved, not rounded
 # general.file_type (gguf LlamaFileType) of the type most 2-D tensors get.
 _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15, "Q6_K": 18, "BF16": 32}
-_GGUF_ARCH = {f.name: f.gguf_architecture for f in FAMILIES.values() if f.gguf_architecture}  # family -> GGUF arch
+
+
+def _written_as(family: Family) -> Family:
+    """The family a model of `family` is written to GGUF as (llama.cpp writes Mistral as llama)."""
+    return FAMILIES[family.gguf_export_as] if family.gguf_export_as else family
+
+
+_GGUF_ARCH = {f.name: _written_as(f).gguf_architecture for f in FAMILIES.values() if _written_as(f).gguf_architecture}
 
 
 @dataclass
@@ -99,12 +106,14 @@ def export_apr_to_gguf(
     with open_apr(src, use_mmap=False) as apr:
         meta = apr.metadata
         family = _family(meta, src)
-        arch = _GGUF_ARCH[family.name]
+        written, arch = _written_as(family), _GGUF_ARCH[family.name]
         report = GgufExportReport(source=src, output=dst, architecture=arch, outtype=outtype)
+        if written is not family:
+            report.warnings.append(_written_as_note(family, written, meta))
         stream = AprStream(apr)
         try:
             report.dropped = [name for name in [tied_head_copy(apr, stream)] if name]
-            plan = _plan(apr, family, report, outtype)
+            plan = _plan(apr, family, report, outtype, written.gguf_qk_permuted)
             keys = _architecture_keys(meta, family, arch, src, report.warnings)
             vocab = _vocab(meta, src)
             if vocab is None:
@@ -145,8 +154,19 @@ def _family(meta: Mapping[str, Any], src: str) -> Family:
     return family
 
 
-def _plan(apr: AprFile, family: Family, report: GgufExportReport, outtype: str) -> list[_Planned]:
-    """One entry per tensor written, names and shapes checked against the family table."""
+def _written_as_note(family: Family, written: Family, meta: Mapping[str, Any]) -> str:
+    """What changes when a model is written as another family's GGUF (the report says it)."""
+    note = (f"{family.name} is written as GGUF architecture {written.gguf_architecture!r}, as llama.cpp does; "
+            f"reading it back gives a {written.name} model")
+    window = meta.get("sliding_window")
+    if window is not None:
+        note += f"; its sliding_window {window} has no GGUF key, so llama.cpp attends to the whole context"
+    return note
+
+
+def _plan(apr: AprFile, family: Family, report: GgufExportReport, outtype: str, permute_qk: bool) -> list[_Planned]:
+    """One entry per tensor written, names and shapes checked against the family table; q/k rows are
+    permuted into llama.cpp's order when `permute_qk`."""
     meta, src = apr.metadata, apr.path
     names = [info.name for info in apr.tensors() if info.name not in report.dropped]
     expected = expected_tensors(family.name, meta, with_head_copy=family.head in names, path=src)
@@ -162,7 +182,7 @@ def _plan(apr: AprFile, family: Family, report: GgufExportReport, outtype: str) 
             raise UnsupportedArchitecture(src, f"tensor {name!r} has no GGUF name (not part of a {family.name} model)")
         if name in expected and info.shape != expected[name]:
             raise ShapeMismatch(src, f"tensor {name!r} has shape {list(info.shape)}, the metadata needs {list(expected[name])}")
-        key = permute_heads_key(name) if family.gguf_qk_permuted else None
+        key = permute_heads_key(name) if permute_qk else None
         ggml = _ggml_type(info.dtype, info.shape, outtype, src, name)
         if (info.dtype in _APR_BLOCKS and ggml != _Q4_0) or (info.dtype in _RAW_GGML and ggml != _RAW_GGML[info.dtype]):
             report.dequantized.append(name)

@@ -258,3 +258,28 @@ def test_kept_k_quant_blocks_go_back_to_gguf_unchanged(tmp_path):
     for name, (kind, data) in source.items():
         assert back[name][0] == kind and back[name][1].tobytes() == data.tobytes(), name
     assert all(back[name][1].tobytes() == blocks.tobytes() for name, blocks in raw.items())
+
+
+def test_mistral_is_written_as_llama_like_llama_cpp_and_says_so(tmp_path):
+    """llama.cpp has no "mistral" GGUF architecture: a Mistral model goes out as "llama" (q/k rows in
+    its order), transformers' GGUF loader gives the logits of the original MistralForCausalLM, and the
+    report says what is lost (the family name and the sliding window)."""
+    folder = build_hf_checkpoint(tmp_path / "hf", "mistral", vocab_size=512)
+    original = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():  # sharp attention: a wrong q/k row order would change the logits far beyond 1e-4
+        for layer in original.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    original.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, folder / name)
+    convert_hf_to_apr(folder, tmp_path / "m.apr")
+    out = tmp_path / "m.gguf"
+    report = export_apr_to_gguf(tmp_path / "m.apr", out, outtype="f32")
+    assert report.architecture == "llama"
+    window = json.loads((folder / "config.json").read_text())["sliding_window"]
+    assert (f"mistral is written as GGUF architecture 'llama', as llama.cpp does; reading it back gives a llama "
+            f"model; its sliding_window {window} has no GGUF key, so llama.cpp attends to the whole context"
+            ) in report.warnings
+    assert read_metadata(gguf.GGUFReader(out), str(out))["general.architecture"] == "llama"
+    assert (_logits(_load_gguf(out), _ids()) - _logits(original, _ids())).abs().max().item() < 1e-4
