@@ -142,7 +142,8 @@ class RunLog:
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._events = SummaryWriter(log_dir=os.fspath(self.run_dir))
+            # A resumed run: TensorBoard drops what the interrupted run logged after the checkpoint.
+            self._events = SummaryWriter(log_dir=os.fspath(self.run_dir), purge_step=start_step + 1 if start_step else None)
 
     def start(self, step: int, val_loss: float, start_label: str) -> None:
         """The line (and, for a new run, the step-0 record) before any update; the clock starts here."""

@@ -183,3 +183,20 @@ def test_tensorboard_events_hold_the_metrics_and_its_absence_is_one_line(tiny, t
     assert absent.returncode == 2
     assert absent.stderr.strip() == ("apr: error: --tensorboard: needs the tensorboard package: "
                                      "pip install 'apr-toolkit[tensorboard]'")
+
+
+def test_a_resumed_run_replaces_the_tensorboard_points_past_its_checkpoint(tiny, tmp_path):
+    """Events logged after the checkpoint a run resumes from are purged (TensorBoard's purge_step), so
+    each step has one point, as in metrics.jsonl, not the interrupted run's and the resumed run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert pretrain(tiny, run, "--steps", "4", "--save-every", "2", "--tensorboard").returncode == 0
+    for late in [run / "final.apr", *run.glob("checkpoints/step-000004.*")]:  # as if stopped after step 4's log
+        late.unlink()
+    resumed = run_apr("pretrain", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume: step 2;" in resumed.stderr
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [r["step"] for r in read_metrics(run)[1:]] == [1, 2, 3, 4]
