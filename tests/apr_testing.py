@@ -218,6 +218,22 @@ def run_apr_json(*args: str | os.PathLike) -> dict:
     return json.loads(proc.stdout)
 
 
+def tiny_training_inputs(root: Path, tokens: int = 20_000) -> tuple[Path, Path]:
+    """`root/init.apr` (the tiny preset, seed 0) and `root/tokens.bin` (a learnable stream of `tokens` ids
+    over its 512-token vocabulary): what `apr pretrain --init ... --data ...` tests start from."""
+    import torch
+
+    from apr_format import save_apr
+    from apr_trainer.data import write_token_file
+    from apr_trainer.model import DecoderLM
+    from apr_trainer.presets import preset
+
+    torch.manual_seed(0)
+    save_apr(root / "init.apr", DecoderLM(preset("tiny")).state_dict(), preset("tiny").to_metadata())
+    write_token_file(root / "tokens.bin", [learnable_tokens(tokens, 512, step=5, offset=1, noise=4)], 512)
+    return root / "init.apr", root / "tokens.bin"
+
+
 def learnable_tokens(n: int, vocab: int, *, step: int = 7, offset: int = 3, noise: int = 3, seed: int = 0) -> np.ndarray:
     """A token stream a model can learn: each id is (previous * step + offset + a little noise) % vocab."""
     rng = np.random.default_rng(seed)

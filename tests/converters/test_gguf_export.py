@@ -31,7 +31,12 @@ SAMPLE = "Hello world, the fox jumps 2024 times!\n<|im_start|>user hi<|im_end|>"
 def hf_model_dir(request, tmp_path_factory) -> Path:
     """A tiny HF model with the fixture tokenizer, q/k scaled up so attention is sharp: a wrong q/k
     row order then changes the logits far beyond any tolerance below."""
-    folder = build_hf_checkpoint(tmp_path_factory.mktemp("hf") / request.param, request.param, vocab_size=512)
+    return _sharp_model_with_tokenizer(
+        build_hf_checkpoint(tmp_path_factory.mktemp("hf") / request.param, request.param, vocab_size=512))
+
+
+def _sharp_model_with_tokenizer(folder: Path) -> Path:
+    """`folder`'s model with q/k scaled up 12x and the fixture tokenizer beside it."""
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -264,15 +269,7 @@ def test_mistral_is_written_as_llama_like_llama_cpp_and_says_so(tmp_path):
     """llama.cpp has no "mistral" GGUF architecture: a Mistral model goes out as "llama" (q/k rows in
     its order), transformers' GGUF loader gives the logits of the original MistralForCausalLM, and the
     report says what is lost (the family name and the sliding window)."""
-    folder = build_hf_checkpoint(tmp_path / "hf", "mistral", vocab_size=512)
-    original = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():  # sharp attention: a wrong q/k row order would change the logits far beyond 1e-4
-        for layer in original.model.layers:
-            layer.self_attn.q_proj.weight.mul_(12.0)
-            layer.self_attn.k_proj.weight.mul_(12.0)
-    original.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER / name, folder / name)
+    folder = _sharp_model_with_tokenizer(build_hf_checkpoint(tmp_path / "hf", "mistral", vocab_size=512))
     convert_hf_to_apr(folder, tmp_path / "m.apr")
     out = tmp_path / "m.gguf"
     report = export_apr_to_gguf(tmp_path / "m.apr", out, outtype="f32")
@@ -282,4 +279,5 @@ def test_mistral_is_written_as_llama_like_llama_cpp_and_says_so(tmp_path):
             f"model; its sliding_window {window} has no GGUF key, so llama.cpp attends to the whole context"
             ) in report.warnings
     assert read_metadata(gguf.GGUFReader(out), str(out))["general.architecture"] == "llama"
+    original = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert (_logits(_load_gguf(out), _ids()) - _logits(original, _ids())).abs().max().item() < 1e-4

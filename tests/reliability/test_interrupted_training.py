@@ -12,12 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr_format import open_apr, save_apr
-from apr_trainer.data import write_token_file
-from apr_trainer.model import DecoderLM
-from apr_trainer.presets import preset
+from apr_format import open_apr
 
-from apr_testing import learnable_tokens, popen_apr, read_metrics, run_apr
+from apr_testing import popen_apr, read_metrics, run_apr, tiny_training_inputs
 
 
 STEPS = 16
@@ -30,12 +27,8 @@ TOLERANCE = 1e-6  # same process layout, one thread: the curves are in fact bit-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     """--init weights (the tiny preset), a token file, and the uninterrupted reference run."""
-    import torch
-
     root = tmp_path_factory.mktemp("interrupt")
-    torch.manual_seed(0)
-    save_apr(root / "init.apr", DecoderLM(preset("tiny")).state_dict(), preset("tiny").to_metadata())
-    write_token_file(root / "tokens.bin", [learnable_tokens(30_000, 512, step=5, offset=1, noise=4)], 512)
+    tiny_training_inputs(root, 30_000)
     reference = root / "reference"
     proc = run_apr("pretrain", "--init", root / "init.apr", "--data", root / "tokens.bin", "--out", reference, *FLAGS)
     assert proc.returncode == 0, proc.stderr

@@ -10,11 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apr_format import save_apr
-from apr_testing import learnable_tokens, read_metrics, run_apr, torchrun
-from apr_trainer.data import write_token_file
-from apr_trainer.model import DecoderLM
-from apr_trainer.presets import preset
+from apr_testing import read_metrics, run_apr, torchrun, tiny_training_inputs
 
 FLAGS = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--warmup", "1", "--val-every", "2",
          "--val-batches", "2", "--device", "cpu", "--log-every", "1", "--json", "-q"]
@@ -25,10 +21,8 @@ TOLERANCE = dict(rel=1e-4, abs=1e-5)
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, list]:
     root = tmp_path_factory.mktemp("compile")
-    torch.manual_seed(0)
-    save_apr(root / "init.apr", DecoderLM(preset("tiny")).state_dict(), preset("tiny").to_metadata())
-    write_token_file(root / "tokens.bin", [learnable_tokens(20_000, 512, step=5, offset=1, noise=4)], 512)
-    args = ["pretrain", "--init", root / "init.apr", "--data", root / "tokens.bin", *FLAGS]
+    init, tokens = tiny_training_inputs(root)
+    args = ["pretrain", "--init", init, "--data", tokens, *FLAGS]
     eager = run_apr(*args, "--out", root / "eager")
     assert eager.returncode == 0, eager.stderr
     return root, args

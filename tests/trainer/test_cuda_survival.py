@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from apr_format import open_apr, save_apr
-from apr_trainer.data import write_token_file
-from apr_trainer.model import DecoderLM
-from apr_trainer.presets import preset
+from apr_format import open_apr
 
-from apr_testing import learnable_tokens, popen_apr, read_metrics, run_apr
+from apr_testing import popen_apr, read_metrics, run_apr, tiny_training_inputs
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,9 +28,7 @@ TOLERANCE = 2e-3
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """--init weights, a token file and the uninterrupted reference run on the GPU."""
     root = tmp_path_factory.mktemp("cuda-survival")
-    torch.manual_seed(0)
-    save_apr(root / "init.apr", DecoderLM(preset("tiny")).state_dict(), preset("tiny").to_metadata())
-    write_token_file(root / "tokens.bin", [learnable_tokens(40_000, 512, step=5, offset=1, noise=4)], 512)
+    tiny_training_inputs(root, 40_000)
     reference = root / "reference"
     proc = run_apr("pretrain", "--init", root / "init.apr", "--data", root / "tokens.bin", "--out", reference, *FLAGS)
     assert proc.returncode == 0, proc.stderr

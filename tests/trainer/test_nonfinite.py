@@ -9,11 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr_format import open_apr, save_apr
-from apr_testing import learnable_tokens, run_apr
-from apr_trainer.data import write_token_file
-from apr_trainer.model import DecoderLM
-from apr_trainer.presets import preset
+from apr_format import open_apr
+from apr_testing import run_apr, tiny_training_inputs
 
 FLAGS = ["--seq-len", "32", "--batch-size", "4", "--val-batches", "2", "--warmup", "2", "--lr", "3e-3",
          "--device", "cpu", "--log-every", "1"]
@@ -21,12 +18,8 @@ FLAGS = ["--seq-len", "32", "--batch-size", "4", "--val-batches", "2", "--warmup
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    import torch
-
     root = tmp_path_factory.mktemp("nonfinite")
-    torch.manual_seed(0)
-    save_apr(root / "init.apr", DecoderLM(preset("tiny")).state_dict(), preset("tiny").to_metadata())
-    write_token_file(root / "tokens.bin", [learnable_tokens(20_000, 512, step=5, offset=1, noise=4)], 512)
+    tiny_training_inputs(root)
     return root
 
 
