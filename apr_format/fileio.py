@@ -7,7 +7,8 @@ import functools
 import os
 import sys
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,8 @@ def _sync_file_range() -> Callable[..., int] | None:
 
 @dataclass(frozen=True)
 class FileRange:
-    """`nbytes` bytes of the file at `path` starting at byte `offset`.
+    """`nbytes` bytes of the file at `path` starting at byte `offset`; with `fd`, read through that open
+    descriptor of it (the file the caller opened and checked, even if `path` was replaced since).
 
     As a tensor source of `AprWriter` the bytes are copied file to file in the kernel
     (copy_file_range), never through Python: the fastest path when no dtype change is needed.
@@ -91,6 +93,7 @@ class FileRange:
     path: str
     offset: int
     nbytes: int
+    fd: int | None = None
 
     def __post_init__(self) -> None:
         if self.offset < 0 or self.nbytes < 0:
@@ -107,23 +110,23 @@ def copy_range(src: FileRange, out_fd: int, crc: int | None = None, writeback: W
     Raises:
         Truncated: the file ends before the range does (also when it is cut short while we copy).
     """
-    with open(src.path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    with _source_fd(src) as fd:
+        size = os.fstat(fd).st_size
         if src.offset + src.nbytes > size:
             raise Truncated(src.path, f"bytes {src.offset}..{src.offset + src.nbytes} lie beyond the end of "
                                       f"the {size}-byte file")
         if not src.nbytes:
             return crc
-        if crc is None and writeback is None and _kernel_copy(fh.fileno(), out_fd, src.offset, src.nbytes, src.path):
+        if crc is None and writeback is None and _kernel_copy(fd, out_fd, src.offset, src.nbytes, src.path):
             return None  # nothing to read or report per chunk: one call
         buf = memoryview(bytearray(min(CHUNK, src.nbytes)))
         kernel = True  # until copy_file_range refuses this pair of files
         for pos in range(src.offset, src.offset + src.nbytes, CHUNK):
             n = min(CHUNK, src.offset + src.nbytes - pos)
-            kernel = kernel and _kernel_copy(fh.fileno(), out_fd, pos, n, src.path)
+            kernel = kernel and _kernel_copy(fd, out_fd, pos, n, src.path)
             if crc is not None or not kernel:
                 chunk = buf[:n]
-                read_into(fh.fileno(), pos, chunk, src.path)
+                read_into(fd, pos, chunk, src.path)
                 if not kernel:
                     _write_all(out_fd, chunk)
                 if crc is not None:
@@ -148,6 +151,16 @@ def crc32_fd(fd: int, offset: int, nbytes: int, crc: int = 0, path: str = "") ->
         read_into(fd, pos, chunk, path)
         crc = crc32(chunk, crc)
     return crc
+
+
+@contextmanager
+def _source_fd(src: FileRange) -> Iterator[int]:
+    """`src.fd`, or the file at `src.path` opened for the block."""
+    if src.fd is not None:
+        yield src.fd
+        return
+    with open(src.path, "rb") as fh:
+        yield fh.fileno()
 
 
 def _kernel_copy(src_fd: int, out_fd: int, offset: int, nbytes: int, path: str) -> bool:

@@ -6,7 +6,7 @@ import os
 import struct
 
 from .constants import FOOTER_SIZE
-from .errors import FooterChecksum, from_os_error
+from .errors import FooterChecksum
 from .fileio import CHUNK, crc32
 
 
@@ -35,10 +35,7 @@ class StreamingVerifier:
         self.body = apr.file_size - FOOTER_SIZE
         self._crc = 0
         self._pos = 0
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise from_os_error(self.path, exc) from None
+        self._fd = os.dup(apr.fileno())  # the file `apr` parsed, even if its path was replaced since
 
     @property
     def position(self) -> int:

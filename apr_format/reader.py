@@ -382,7 +382,7 @@ class AprFile(Mapping):
         """File bytes start..start+nbytes: a view of the mapping (after a size check) or a pread copy."""
         fd = self._open_fd()
         if self._view is None:
-            return memoryview(read_exact(fd, start, nbytes, self.path))
+            return read_exact(fd, start, nbytes, self.path)
         check_size(fd, self.file_size, self.path)
         return self._view[start : start + nbytes]
 

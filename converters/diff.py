@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from apr_format import AprFile, open_apr
-from apr_format.constants import DTYPE_BY_NAME, MAGIC, MAGIC_V1
+from apr_format.constants import DTYPE_BY_NAME
 from apr_format.families import FAMILIES, Family, family_of, is_tied, map_config
 from apr_format.fileio import CHUNK, CHUNK_VALUES, equal_chunks
 from apr_format.integrity import StreamingVerifier

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from apr_format.errors import CorruptSource, MissingTensor, from_os_error
-from apr_format.fileio import CHUNK
+from apr_format.fileio import CHUNK, FileRange
 from apr_format.safetensors_reader import HeaderEntry, read_header
 from apr_format.sniff import SNIFF_BYTES, describe, identify_bytes
 
@@ -160,6 +160,11 @@ class HfSource:
         """
         tensor = self._tensor(name)
         return self._files.read(tensor.file, tensor.start, tensor.nbytes)
+
+    def file_range(self, name: str) -> FileRange:
+        """Where the tensor's bytes lie, for a kernel-side copy through the file this source opened."""
+        tensor = self._tensor(name)
+        return self._files.file_range(tensor.file, tensor.start, tensor.nbytes)
 
     def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
         """The tensor's bytes in chunks of `step` (copies): memory stays at one chunk."""

@@ -11,7 +11,7 @@ from apr_format import AprWriter
 from apr_format.constants import DTYPE_BY_NAME, FLOAT_DTYPES
 from apr_format.destination import check_output_file
 from apr_format.errors import InvalidArgument, MissingTensor, ShapeMismatch
-from apr_format.fileio import CHUNK_VALUES, FileRange
+from apr_format.fileio import CHUNK_VALUES
 from apr_format.families import Family, expected_tensors, family_of, is_tied, map_config
 from apr_format.param_count import count_parameters
 
@@ -190,7 +190,7 @@ def _producer(
             values = cast_chunks(source.chunks(p.source.name, step), p.source.dtype, "f32", p.source.numel)
             data = quant.pack(p.name, values, source.path)
         elif p.dtype == p.source.dtype:  # the stored bytes as they are: copied file to file by the kernel
-            data = FileRange(p.source.file, p.source.start, p.source.nbytes)
+            data = source.file_range(p.source.name)
         else:
             step = CHUNK_VALUES * DTYPE_BY_NAME[p.source.dtype].itemsize
             data = cast_chunks(source.chunks(p.source.name, step), p.source.dtype, p.dtype, p.source.numel)

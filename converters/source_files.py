@@ -22,15 +22,15 @@ class SourceFiles:
         self._fds: dict[str, int] = {}
         self._closers: list[weakref.finalize] = []
 
-    def open(self, file: str) -> int:
-        """Open `file` (once); returns its size in bytes.
+    def open(self, file: str, fd: int | None = None) -> int:
+        """Open `file` (once), or take a duplicate of `fd`, an open descriptor of it; returns its size in bytes.
 
         Raises:
             FileMissing, NotAFile, Unreadable: it cannot be opened.
         """
         if file not in self._fds:
             try:
-                self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else os.dup(fd)
             except OSError as exc:
                 raise from_os_error(file, exc) from None
             self._closers.append(weakref.finalize(self, os.close, self._fds[file]))  # also if never closed
@@ -49,7 +49,11 @@ class SourceFiles:
         Raises:
             Truncated: the file ends first (it was cut short while we read it).
         """
-        return memoryview(read_exact(self.fd(file), start, nbytes, file))
+        return read_exact(self.fd(file), start, nbytes, file)
+
+    def file_range(self, file: str, start: int, nbytes: int) -> FileRange:
+        """Bytes start..start+nbytes of an opened file, for a kernel-side copy through our descriptor."""
+        return FileRange(file, start, nbytes, self.fd(file))
 
     def chunks(self, file: str, start: int, nbytes: int, step: int = CHUNK) -> Iterator[memoryview]:
         """Successive copies of at most `step` bytes: reading a huge tensor costs one chunk of memory."""
@@ -77,7 +81,7 @@ class AprStream:
         self._compressed = bool(apr.flags & Flag.ZSTD)
         self._files = SourceFiles()
         if not self._compressed:
-            self._files.open(apr.path)
+            self._files.open(apr.path, apr.fileno())  # the file `apr` parsed, even if its path was replaced
 
     def stream(self, name: str) -> memoryview:
         """The tensor's decoded bytes (a copy)."""
@@ -98,7 +102,7 @@ class AprStream:
         file, start, nbytes = self._range(name)
         if self.verifier is not None:
             self.verifier.read_to(start + nbytes)
-        return FileRange(file, start, nbytes)
+        return self._files.file_range(file, start, nbytes)
 
     def chunks(self, name: str, step: int = CHUNK) -> Iterator[memoryview]:
         """The tensor's decoded bytes in chunks of `step`."""

@@ -8,6 +8,7 @@ the one pread helper every read path goes through.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 from apr_format import open_apr
 from apr_format.errors import Truncated
 from apr_format.init_tensors import load_init_tensors
+from apr_converters.apr_to_hf import export_apr_to_safetensors
+from apr_converters.hf_to_apr import convert_hf_to_apr
 from apr_trainer.data import write_token_file
 
 from apr_testing import FIXTURES, leftovers, one_line_error, run_apr
@@ -146,3 +149,40 @@ def test_mapped_access_after_a_cut_is_refused(model):
             fh.truncate(apr.header.data_offset)
         with pytest.raises(Truncated, match="shrank"):
             apr[name]
+
+
+def _replace_once(path: Path, replacement: Path):
+    """A progress callback that, at its first call, replaces `path` by `replacement` (as an atomic writer does)."""
+    def progress(name: str, done: int, total: int | None = None) -> None:
+        if replacement.exists():
+            os.replace(replacement, path)
+
+    return progress
+
+
+def test_convert_reads_the_files_it_opened_when_a_shard_is_replaced_meanwhile(tmp_path):
+    """The kernel-side copies of a convert go through the descriptor opened when the headers were read:
+    a shard replaced by another file mid-convert changes nothing in the output."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "hf"
+    shutil.copytree(FIXTURES / "tiny-qwen2-hf", src)
+    reference = convert_hf_to_apr(src, tmp_path / "reference.apr").output
+    other = tmp_path / "other.safetensors"
+    save_file({name: value + 1 for name, value in load_file(src / "model.safetensors").items()}, other)
+    convert_hf_to_apr(src, tmp_path / "m.apr", progress=_replace_once(src / "model.safetensors", other))
+    assert not other.exists()  # the replacement happened, after the first tensor
+    with open_apr(reference) as a, open_apr(tmp_path / "m.apr") as b:
+        b.verify()
+        assert a.keys() == b.keys() and all(np.array_equal(a.bits(n), b.bits(n)) for n in a.keys())
+
+
+def test_export_reads_the_file_it_opened_when_its_path_is_replaced_meanwhile(model, tmp_path):
+    """Tensor reads and the CRC check both go through the file `open_apr` parsed."""
+    reference = tmp_path / "reference.safetensors"
+    export_apr_to_safetensors(model, reference)
+    other = tmp_path / "other.apr"
+    assert run_apr("convert", FIXTURES / "tiny-qwen2-hf", "-o", other, "--dtype", "f32", "-q").returncode == 0
+    export_apr_to_safetensors(model, tmp_path / "m.safetensors", progress=_replace_once(model, other))
+    assert not other.exists()
+    assert (tmp_path / "m.safetensors").read_bytes() == reference.read_bytes()
